@@ -1,0 +1,107 @@
+"""The one definition of bin edges: RoI quantisation and the two pooling partitions.
+
+Every pooled value in spp_triton is a reduction over a half-open rectangle
+``[h_lo, h_hi) x [w_lo, w_hi)`` of one (image, channel) plane. This module says where those
+rectangles are. The reference, the CPU path and (through ``spp_triton.kernels.bins``, a
+line-for-line Triton transcription checked against this file in ``tests/test_bins.py``) the Triton
+kernels all use these formulas.
+
+Two partitions exist:
+
+* **RoI partition** (``roi_pool``, ``roi_spp_pool``): torchvision's ``roi_pool``. Box corners are
+  multiplied by ``spatial_scale`` and rounded half away from zero; the RoI spans
+  ``max(end - start + 1, 1)`` pixels; bin ``p`` of ``n`` spans
+  ``[floor(p * b), ceil((p + 1) * b))`` offset by the RoI start, where ``b = extent / n`` is
+  computed in the *bin dtype* (float32, or float64 for float64 inputs, as torchvision does), then
+  clipped to the map. Empty after clipping -> the bin pools nothing (max and avg give 0).
+* **Adaptive partition** (``spp_pool``): ``F.adaptive_*_pool2d``'s integer floor/ceil partition
+  of a region of ``size`` pixels into ``n`` bins: ``[floor(p * size / n), ceil((p + 1) * size / n))``.
+  Never empty for ``size >= 1``; bins overlap when ``size < n``.
+
+Quantised RoI corners are clamped to ``[-COORD_LIMIT, COORD_LIMIT]`` feature pixels so that every
+later step is exact in float32 and int32 and no box, however large, indexes outside the map.
+Boxes that large are never meaningful; within the limit the result is torchvision's, bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# 2**22: extents stay <= 2**23 + 1, exactly representable in float32, products fit in int32.
+COORD_LIMIT = 1 << 22
+
+
+def bin_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Float dtype in which RoI bin sizes are computed for inputs of ``dtype`` (torchvision's T)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def round_half_away_from_zero(x: torch.Tensor) -> torch.Tensor:
+    """C's ``round``: halves go away from zero (``torch.round`` rounds half to even). Exact."""
+    t = torch.trunc(x)
+    # x - trunc(x) is exact in floating point, so this never misrounds 0.49999997-like values.
+    return t + torch.where((x - t).abs() >= 0.5, torch.sign(x), torch.zeros_like(x))
+
+
+def quantize_rois(
+    boxes: torch.Tensor, spatial_scale: float, bin_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Map boxes ``[K, 4]`` (x1, y1, x2, y2, image coordinates) to integer RoIs on the feature map.
+
+    Returns ``(x0, y0, width, height)``, each an int64 ``[K]`` tensor: the RoI's first column and
+    row (may be negative or beyond the map) and its extent in pixels (>= 1).
+    """
+    scaled = boxes.to(bin_dtype) * torch.tensor(spatial_scale, dtype=bin_dtype)
+    q = round_half_away_from_zero(scaled).clamp(-COORD_LIMIT, COORD_LIMIT).to(torch.int64)
+    x0, y0, x1, y1 = q.unbind(dim=1)
+    width = (x1 - x0 + 1).clamp(min=1)
+    height = (y1 - y0 + 1).clamp(min=1)
+    return x0, y0, width, height
+
+
+def roi_bin_edges(
+    start: torch.Tensor, extent: torch.Tensor, n: int, size: int, bin_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoI-partition edges along one axis: ``[K]`` starts/extents -> ``(lo, hi)`` int64 ``[K, n]``.
+
+    ``size`` is the map's length on that axis; edges are clipped to ``[0, size]``.
+    """
+    bin_size = extent.to(bin_dtype) / torch.tensor(float(n), dtype=bin_dtype)
+    p = torch.arange(n, dtype=bin_dtype, device=extent.device)
+    lo = torch.floor(p * bin_size[:, None]).to(torch.int64) + start[:, None]
+    hi = torch.ceil((p + 1) * bin_size[:, None]).to(torch.int64) + start[:, None]
+    return lo.clamp(0, size), hi.clamp(0, size)
+
+
+def adaptive_bin_edges(size: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adaptive-partition edges: ``[N]`` region sizes -> ``(lo, hi)`` int64 ``[N, n]``."""
+    p = torch.arange(n, dtype=torch.int64, device=size.device)
+    size = size.to(torch.int64)[:, None]
+    lo = torch.div(p * size, n, rounding_mode="floor")
+    hi = torch.div((p + 1) * size + n - 1, n, rounding_mode="floor")
+    return lo, hi
+
+
+def normalize_levels(levels: Sequence[int] | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Levels as ``(bins_h, bins_w)`` pairs. Assumes validated input (see ``ops``)."""
+    return [(int(v), int(v)) if not isinstance(v, (tuple, list)) else (int(v[0]), int(v[1]))
+            for v in levels]
+
+
+def pyramid_width(levels: Sequence[tuple[int, int]]) -> int:
+    """Bins per channel over all levels: ``sum(bh * bw)``."""
+    return sum(bh * bw for bh, bw in levels)
+
+
+def level_offsets(levels: Sequence[tuple[int, int]], channels: int) -> list[int]:
+    """Start of each level's block in a flattened pyramid row ``[C * sum(bh * bw)]``.
+
+    The layout is level-major in the order given, then channel, row, column.
+    """
+    offsets, acc = [], 0
+    for bh, bw in levels:
+        offsets.append(acc)
+        acc += channels * bh * bw
+    return offsets

@@ -1,0 +1,43 @@
+"""Shared test set-up.
+
+Triton's interpreter must be chosen before Triton compiles anything, so on a machine without CUDA
+we set TRITON_INTERPRET=1 here, before spp_triton (and its kernels) are imported. CPU tensors then
+go through the *torch* CPU path by default (SPP_TRITON_CPU_BACKEND=torch); kernel tests switch to
+the Triton interpreter with the ``triton_cpu`` fixture.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SPP_TRITON_CPU_BACKEND", "torch")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def triton_cpu(monkeypatch):
+    """Route CPU tensors through the Triton kernels (in Triton's interpreter) for this test."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton interpreter not enabled (TRITON_INTERPRET=1 must be set before import)")
+    monkeypatch.setenv("SPP_TRITON_CPU_BACKEND", "triton")
+    yield
+
+
+@pytest.fixture
+def torch_cpu(monkeypatch):
+    """Route CPU tensors through the vectorised torch CPU path for this test."""
+    monkeypatch.setenv("SPP_TRITON_CPU_BACKEND", "torch")
+    yield
