@@ -46,14 +46,19 @@ def round_half_away_from_zero(x: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rois(
-    boxes: torch.Tensor, spatial_scale: float, bin_dtype: torch.dtype
+    boxes: torch.Tensor, spatial_scale: float | torch.Tensor, bin_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Map boxes ``[K, 4]`` (x1, y1, x2, y2, image coordinates) to integer RoIs on the feature map.
 
     Returns ``(x0, y0, width, height)``, each an int64 ``[K]`` tensor: the RoI's first column and
-    row (may be negative or beyond the map) and its extent in pixels (>= 1).
+    row (may be negative or beyond the map) and its extent in pixels (>= 1). ``spatial_scale`` is
+    a number or a ``[K]`` tensor (one scale per box, for boxes on different FPN levels). The
+    product is taken in ``bin_dtype``, as torchvision multiplies in the input's dtype.
     """
-    scaled = boxes.to(bin_dtype) * torch.tensor(spatial_scale, dtype=bin_dtype)
+    scale = torch.as_tensor(spatial_scale, dtype=bin_dtype, device=boxes.device)
+    if scale.ndim == 1:
+        scale = scale[:, None]
+    scaled = boxes.to(bin_dtype) * scale
     q = round_half_away_from_zero(scaled).clamp(-COORD_LIMIT, COORD_LIMIT).to(torch.int64)
     x0, y0, x1, y1 = q.unbind(dim=1)
     width = (x1 - x0 + 1).clamp(min=1)

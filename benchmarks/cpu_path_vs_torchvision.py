@@ -1,0 +1,62 @@
+"""CPU path speed: spp_triton.roi_spp_pool vs torchvision.ops.roi_pool once per level + cat.
+
+The target (issue: kernels) is a ratio <= 0.6 on 512 RoIs x 256 channels x a 50x68 map for levels
+{1,2,4} and {1,2,3,6}. Run: .venv/bin/python benchmarks/cpu_path_vs_torchvision.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+
+import torch
+import torch.utils.benchmark as tb
+import torchvision
+
+os.environ.setdefault("SPP_TRITON_CPU_BACKEND", "torch")
+import spp_triton  # noqa: E402
+
+
+def make_case(num_rois: int, channels: int, height: int, width: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, channels, height, width, generator=g)
+    # detectron2-like proposals on a 16x-downsampled 800x1088 image
+    img_h, img_w = height * 16, width * 16
+    cx, cy = torch.rand(num_rois, generator=g) * img_w, torch.rand(num_rois, generator=g) * img_h
+    bw = torch.exp(torch.rand(num_rois, generator=g) * 3.5) * 16
+    bh = bw * torch.exp(torch.randn(num_rois, generator=g) * 0.4)
+    batch = torch.randint(0, 2, (num_rois,), generator=g).float()
+    boxes = torch.stack([batch, cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+    return x, boxes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rois", type=int, default=512)
+    parser.add_argument("--channels", type=int, default=256)
+    parser.add_argument("--min-run-time", type=float, default=2.0)
+    args = parser.parse_args()
+    x, boxes = make_case(args.rois, args.channels, 50, 68)
+    scale = 1 / 16
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, "
+          f"torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"case: {args.rois} RoIs x {args.channels} ch x 50x68 map, fp32, forward")
+    print("| levels | spp_triton (ms) | torchvision per level + cat (ms) | ratio |")
+    print("|---|---|---|---|")
+    for levels in ([1, 2, 4], [1, 2, 3, 6]):
+        ours = spp_triton.roi_spp_pool(x, boxes, levels, scale)
+        ref = torch.cat([torchvision.ops.roi_pool(x, boxes, n, scale).flatten(1) for n in levels], 1)
+        assert torch.equal(ours, ref), "outputs differ: not timing"
+        env = {"x": x, "b": boxes, "s": scale, "L": levels, "spp_triton": spp_triton,
+               "torch": torch, "torchvision": torchvision}
+        t_ours = tb.Timer("spp_triton.roi_spp_pool(x, b, L, s)", globals=env).blocked_autorange(
+            min_run_time=args.min_run_time).median
+        t_ref = tb.Timer(
+            "torch.cat([torchvision.ops.roi_pool(x, b, n, s).flatten(1) for n in L], 1)",
+            globals=env).blocked_autorange(min_run_time=args.min_run_time).median
+        print(f"| {levels} | {t_ours * 1e3:.2f} | {t_ref * 1e3:.2f} | {t_ours / t_ref:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The vectorised PyTorch path: forward and backward of pyramid pooling without Triton.
+
+It has the same interface as ``spp_triton.kernels.pyramid_pool`` (see there for the argument
+conventions) and runs on any device. ``spp_triton.ops`` uses it for CPU tensors and for the
+deterministic backward (it scatters through ``index_put_(accumulate=True)``, which PyTorch makes
+deterministic under ``torch.use_deterministic_algorithms(True)``).
+
+How it is fast without a loop per RoI:
+
+* **max, RoI partition**: one call of torchvision's C++ ``roi_pool`` at each *root* level (a level
+  that divides no other requested level); every other level is derived from a finer one whose bins
+  nest in it (coarse bin = union of fine bins), so the RoI windows are read once per root level
+  instead of once per level. Nesting of torchvision's float partition is checked per RoI, and the
+  rare RoIs where it fails (e.g. 14 bins over some extents) are pooled directly. Boxes are handed to
+  torchvision already quantised (``spp_triton.bins``) with scale 1, so the partition is ours.
+  torchvision skips NaN; bins that contain a NaN are patched to NaN afterwards (only when the input
+  has one).
+* **max, adaptive partition**: ``F.adaptive_max_pool2d`` on each distinct valid image size.
+* **avg, both partitions**: a float64 summed-area table, four lookups per bin; the backward
+  scatters ``+-g / count`` at the four corners of each bin and integrates (two cumsums).
+
+Argmax convention (shared with the kernels): int32 flat index ``h * W + w`` of the selected element
+in its (image, channel) plane, ``-1`` for an empty bin; ties go to the first maximal element in
+row-major order; a bin with a NaN selects its first NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision  # noqa: F401  (registers torch.ops.torchvision.roi_pool)
+
+from spp_triton import bins
+
+Levels = Sequence[tuple[int, int]]
+
+
+# ----------------------------------------------------------------------------- region geometry
+def region_bin_edges(
+    regions: torch.Tensor,
+    scales: torch.Tensor | None,
+    height: int,
+    width: int,
+    levels: Levels,
+    partition: str,
+    bin_dtype: torch.dtype,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per level, clipped ``(row_lo, row_hi, col_lo, col_hi)``: int64 ``[K, bh]`` / ``[K, bw]``."""
+    if partition == "roi":
+        x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
+        return [
+            (*bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype),
+             *bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype))
+            for bh, bw in levels
+        ]
+    valid_h, valid_w = regions[:, 1], regions[:, 2]
+    return [(*bins.adaptive_bin_edges(valid_h, bh), *bins.adaptive_bin_edges(valid_w, bw))
+            for bh, bw in levels]
+
+
+def _batch_index(regions: torch.Tensor) -> torch.Tensor:
+    return regions[:, 0].to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- max, RoI partition
+def _root_plan(levels: Levels) -> list[int | None]:
+    """For each level, the index of a finer level it is derived from (``None``: pool it directly).
+
+    A level derives from the coarsest finer level whose bin counts it divides on both axes (the
+    fewest values to reduce).
+    """
+    order = sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1])
+    plan: list[int | None] = [None] * len(levels)
+    for pos, i in enumerate(order):
+        bh, bw = levels[i]
+        for j in reversed(order[:pos]):
+            fh, fw = levels[j]
+            if fh % bh == 0 and fw % bw == 0:
+                plan[i] = j
+                break
+    return plan
+
+
+def _torchvision_max(x32: torch.Tensor, qrois: torch.Tensor, bh: int, bw: int):
+    out, arg = torch.ops.torchvision.roi_pool(x32, qrois, 1.0, bh, bw)
+    return out, arg.to(torch.int32)
+
+
+_INT32_MAX = (1 << 31) - 1
+
+
+def _max_first_index(v: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce the last dim: the maximum, and the smallest index among the entries attaining it."""
+    best = v.amax(dim=-1)
+    cand = torch.where(v == best.unsqueeze(-1), a, _INT32_MAX)
+    return best, cand.amin(dim=-1)
+
+
+def _derive_max(fine_val, fine_arg, bh, bw):
+    """Coarse (bh, bw) maxima from fine bins grouped ``rh x rw``.
+
+    The argmax is the smallest flat index among the fine bins attaining the maximum, which is the
+    first maximal element of the coarse bin in row-major order (flat order is row-major order).
+    Reduced separably, columns then rows, so every reduction runs over a contiguous last dim;
+    "min index among those attaining the max" composes exactly across the two steps.
+    """
+    k, c, fh, fw = fine_val.shape
+    rh, rw = fh // bh, fw // bw
+    # Empty fine bins hold 0 (torchvision), which must not beat negative maxima: give them -inf
+    # and the largest index, so that they are chosen only when the whole coarse bin is empty.
+    empty = fine_arg < 0
+    v = fine_val.masked_fill(empty, float("-inf"))
+    a = fine_arg.masked_fill(empty, _INT32_MAX)
+    v, a = _max_first_index(v.view(k, c, fh, bw, rw), a.view(k, c, fh, bw, rw))
+    v = v.view(k, c, bh, rh, bw).transpose(3, 4)
+    a = a.view(k, c, bh, rh, bw).transpose(3, 4)
+    val, arg = _max_first_index(v, a)
+    is_empty = arg == _INT32_MAX
+    return val.masked_fill(is_empty, 0), arg.masked_fill(is_empty, -1)
+
+
+def _roi_max_single(x: torch.Tensor, regions: torch.Tensor, scales, levels: Levels,
+                    bin_dtype: torch.dtype):
+    """Max over the RoI partition on one feature map. Returns per-level (values, argmax)."""
+    n_img, c, height, width = x.shape
+    k = regions.shape[0]
+    x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
+    # Quantised RoIs as exact floats with scale 1: torchvision then partitions exactly as bins.py.
+    qrois = torch.stack(
+        [regions[:, 0].to(x32.dtype), x0.to(x32.dtype), y0.to(x32.dtype),
+         (x0 + roi_w - 1).to(x32.dtype), (y0 + roi_h - 1).to(x32.dtype)], dim=1)
+
+    results: list = [None] * len(levels)
+    plan = _root_plan(levels)
+    for i in sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1]):
+        bh, bw = levels[i]
+        src = plan[i]
+        if src is None:
+            results[i] = _torchvision_max(x32, qrois, bh, bw)
+            continue
+        if levels[src] == (bh, bw):
+            results[i] = results[src]
+            continue
+        val, arg = _derive_max(*results[src], bh, bw)
+        # torchvision's float partition nests for the usual level sets but not always (e.g. 14
+        # bins over some extents): re-pool directly the RoIs where the union differs.
+        fh, fw = levels[src]
+        ok = torch.ones(k, dtype=torch.bool, device=x.device)
+        for start, extent, n, f, size in ((y0, roi_h, bh, fh, height), (x0, roi_w, bw, fw, width)):
+            lo, hi = bins.roi_bin_edges(start, extent, n, size, bin_dtype)
+            flo, fhi = bins.roi_bin_edges(start, extent, f, size, bin_dtype)
+            r = f // n
+            ok &= (lo == flo[:, ::r]).all(1) & (hi == fhi[:, r - 1::r]).all(1)
+        if not bool(ok.all()):
+            bad = ~ok
+            v2, a2 = _torchvision_max(x32, qrois[bad], bh, bw)
+            val[bad], arg[bad] = v2, a2
+        results[i] = (val, arg)
+
+    if x32.isnan().any():
+        _patch_nan_bins(x32, qrois, levels, results, bin_dtype, scales, regions)
+    return [(v.to(x.dtype).reshape(k, c * v.shape[2] * v.shape[3]), a.reshape(k, -1))
+            for v, a in results]
+
+
+def _patch_nan_bins(x32, qrois, levels, results, bin_dtype, scales, regions):
+    """torchvision skips NaN; spp_triton propagates it. Pool a key that is positive exactly at NaNs
+    and larger for earlier positions: a positive pooled key marks a NaN bin and locates its first
+    NaN."""
+    n_img, c, height, width = x32.shape
+    plane = height * width
+    # The key is pooled in the bin dtype so that torchvision partitions exactly as for x32; its
+    # positions are exact below 2**24 pixels per plane (float32).
+    flat = torch.arange(plane, device=x32.device, dtype=bin_dtype).view(1, 1, height, width)
+    key = torch.where(x32.isnan(), plane - flat, torch.full_like(flat, -1.0))
+    key_levels = _roi_max_single(key, regions, scales, levels, bin_dtype)
+    for i, (kv, _) in enumerate(key_levels):
+        val, arg = results[i]
+        kv = kv.view_as(val)
+        has_nan = kv > 0
+        results[i] = (val.masked_fill(has_nan, float("nan")),
+                      torch.where(has_nan, (plane - kv).to(torch.int32), arg))
+
+
+# ----------------------------------------------------------------------------- max, adaptive
+def _adaptive_max_single(x: torch.Tensor, regions: torch.Tensor, levels: Levels):
+    k = regions.shape[0]
+    n_img, c, height, width = x.shape
+    outs = [(x.new_zeros(k, c, bh, bw), torch.full((k, c, bh, bw), -1, dtype=torch.int32,
+                                                   device=x.device)) for bh, bw in levels]
+    sizes = regions[:, 1:3]
+    for hw in torch.unique(sizes, dim=0).tolist():
+        h, w = hw
+        sel = (sizes == sizes.new_tensor(hw)).all(1)
+        crop = x[_batch_index(regions[sel])][:, :, :h, :w]
+        for (bh, bw), (val, arg) in zip(levels, outs, strict=True):
+            v, idx = F.adaptive_max_pool2d(crop, (bh, bw), return_indices=True)
+            val[sel] = v
+            arg[sel] = ((idx // w) * width + idx % w).to(torch.int32)
+    return [(v.reshape(k, -1), a.reshape(k, -1)) for v, a in outs]
+
+
+# ----------------------------------------------------------------------------- avg (both)
+def _summed_area_table(x: torch.Tensor) -> torch.Tensor:
+    sat = F.pad(x.to(torch.float64), (1, 0, 1, 0))
+    return sat.cumsum(2).cumsum(3)
+
+
+def _avg_single(x, regions, scales, levels, partition, bin_dtype):
+    k = regions.shape[0]
+    n_img, c, height, width = x.shape
+    sat = _summed_area_table(x)
+    b = _batch_index(regions)[:, None, None]
+    outs = []
+    edges = region_bin_edges(regions, scales, height, width, levels, partition, bin_dtype)
+    for r_lo, r_hi, c_lo, c_hi in edges:
+        def corner(r, cc):
+            # advanced indices around a slice: result is [K, bh, bw, C]
+            return sat[b, :, r[:, :, None], cc[:, None, :]]
+        total = corner(r_hi, c_hi) - corner(r_lo, c_hi) - corner(r_hi, c_lo) + corner(r_lo, c_lo)
+        count = ((r_hi - r_lo)[:, :, None] * (c_hi - c_lo)[:, None, :]).clamp(min=0)
+        mean = torch.where(count[..., None] > 0, total / count.clamp(min=1)[..., None],
+                           torch.zeros_like(total))
+        outs.append(mean.permute(0, 3, 1, 2).to(x.dtype).reshape(k, -1))
+    return outs
+
+
+def _avg_backward_single(grad_levels, shape, regions, scales, levels, partition, bin_dtype):
+    n_img, c, height, width = shape
+    device = grad_levels[0].device
+    diff = torch.zeros(n_img, c, height + 1, width + 1, dtype=torch.float64, device=device)
+    b = _batch_index(regions)
+    ch = torch.arange(c, device=device)
+    edges = region_bin_edges(regions, scales, height, width, levels, partition, bin_dtype)
+    for g, (r_lo, r_hi, c_lo, c_hi) in zip(grad_levels, edges, strict=True):
+        k, bh, bw = r_lo.shape[0], r_lo.shape[1], c_lo.shape[1]
+        count = ((r_hi - r_lo)[:, :, None] * (c_hi - c_lo)[:, None, :]).clamp(min=0)
+        share = g.view(k, c, bh, bw).to(torch.float64) / count.clamp(min=1)[:, None]
+        share = share.masked_fill((count == 0)[:, None], 0.0)
+        idx_b = b.view(k, 1, 1, 1).expand(k, c, bh, bw)
+        idx_c = ch.view(1, c, 1, 1).expand(k, c, bh, bw)
+        for rows, cols, sign in ((r_lo, c_lo, 1.0), (r_lo, c_hi, -1.0),
+                                 (r_hi, c_lo, -1.0), (r_hi, c_hi, 1.0)):
+            idx_r = rows.view(k, 1, bh, 1).expand(k, c, bh, bw)
+            idx_w = cols.view(k, 1, 1, bw).expand(k, c, bh, bw)
+            diff.index_put_((idx_b, idx_c, idx_r, idx_w), sign * share, accumulate=True)
+    return diff.cumsum(2).cumsum(3)[:, :, :height, :width]
+
+
+# ----------------------------------------------------------------------------- entry points
+def _per_feature(features, feature_index):
+    """Yield (f, x, row selector) for the maps that some region reads."""
+    if len(features) == 1:
+        yield 0, features[0], None
+        return
+    for f, x in enumerate(features):
+        sel = feature_index == f
+        if bool(sel.any()):
+            yield f, x, sel
+
+
+def _scales_for(spatial_scales, f, count, device, bin_dtype):
+    return torch.full((count,), float(spatial_scales[f]), dtype=bin_dtype, device=device)
+
+
+def pyramid_pool_forward(
+    features: list[torch.Tensor],
+    regions: torch.Tensor,
+    feature_index: torch.Tensor,
+    spatial_scales: list[float],
+    levels: Levels,
+    mode: str,
+    partition: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward pooling; returns ``(out [K, C*P], argmax [K, C*P] int32 or empty for avg)``."""
+    x_first = features[0]
+    k, c = regions.shape[0], x_first.shape[1]
+    width_p = c * bins.pyramid_width(levels)
+    if k == 0 or len(features) > 1:
+        out = x_first.new_zeros(k, width_p)
+        argmax = torch.full((k, width_p), -1, dtype=torch.int32, device=x_first.device)
+    else:
+        out = argmax = None  # filled by a single concatenation below
+    if mode == "avg":
+        argmax = torch.empty(0, dtype=torch.int32, device=x_first.device)
+    if k == 0:
+        return out, argmax
+    bin_dtype = bins.bin_dtype_for(x_first.dtype)
+    for f, x, sel in _per_feature(features, feature_index):
+        reg = regions if sel is None else regions[sel]
+        scales = (_scales_for(spatial_scales, f, reg.shape[0], x.device, bin_dtype)
+                  if partition == "roi" else None)
+        if mode == "avg":
+            vals, args = _avg_single(x, reg, scales, levels, partition, bin_dtype), []
+        else:
+            pairs = (_roi_max_single(x, reg, scales, levels, bin_dtype) if partition == "roi"
+                     else _adaptive_max_single(x, reg, levels))
+            vals, args = [p[0] for p in pairs], [p[1] for p in pairs]
+        if sel is None:
+            return torch.cat(vals, dim=1), (torch.cat(args, dim=1) if args else argmax)
+        out[sel] = torch.cat(vals, dim=1)
+        if args:
+            argmax[sel] = torch.cat(args, dim=1)
+    return out, argmax
+
+
+def pyramid_pool_backward(
+    grad_out: torch.Tensor,
+    features: list[torch.Tensor],
+    regions: torch.Tensor,
+    feature_index: torch.Tensor,
+    spatial_scales: list[float],
+    levels: Levels,
+    mode: str,
+    partition: str,
+    argmax: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Gradients w.r.t. each feature map (its shape and dtype); deterministic."""
+    grads = []
+    c = features[0].shape[1]
+    sizes = [c * bh * bw for bh, bw in levels]
+    bin_dtype = bins.bin_dtype_for(features[0].dtype)
+    for f, x in enumerate(features):
+        sel = None if len(features) == 1 else feature_index == f
+        g = grad_out if sel is None else grad_out[sel]
+        reg = regions if sel is None else regions[sel]
+        n_img, _, height, width = x.shape
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if reg.shape[0] == 0:
+            grads.append(torch.zeros_like(x, memory_format=torch.contiguous_format))
+            continue
+        if mode == "avg":
+            scales = (_scales_for(spatial_scales, f, reg.shape[0], x.device, bin_dtype)
+                      if partition == "roi" else None)
+            grad = _avg_backward_single(list(g.split(sizes, dim=1)), x.shape, reg, scales,
+                                        levels, partition, bin_dtype)
+        else:
+            a = argmax if sel is None else argmax[sel]
+            plane = height * width
+            channel_of_column = torch.cat(
+                [torch.arange(c, device=x.device).repeat_interleave(bh * bw) for bh, bw in levels])
+            base = (_batch_index(reg)[:, None] * c + channel_of_column[None, :]) * plane
+            hit = a >= 0
+            flat_idx = (base + a.to(torch.int64))[hit]
+            grad = torch.zeros(n_img * c * plane, dtype=acc_dtype, device=x.device)
+            grad.index_put_((flat_idx,), g[hit].to(acc_dtype), accumulate=True)
+            grad = grad.view(n_img, c, height, width)
+        grads.append(grad.to(x.dtype))
+    return grads

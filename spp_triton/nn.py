@@ -1,0 +1,73 @@
+"""nn.Module wrappers of the functional ops (no parameters; they hold the pooling settings)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from spp_triton import functional as Fn
+
+
+class SpatialPyramidPool(nn.Module):
+    """Whole-map SPP: Tensor[N, C, H, W] -> Tensor[N, C * sum(n * n)]. See ``spp_pool``."""
+
+    def __init__(self, levels: Sequence[int] = (1, 2, 4), mode: str = "max") -> None:
+        super().__init__()
+        self.levels = tuple(Fn._check_levels(levels))
+        self.mode = Fn._check_mode(mode)
+        self._levels_arg = list(levels)
+
+    @property
+    def output_multiplier(self) -> int:
+        """Output features per input channel: sum(bh * bw)."""
+        return sum(bh * bw for bh, bw in self.levels)
+
+    def forward(self, input: torch.Tensor, image_sizes=None) -> torch.Tensor:
+        return Fn.spp_pool(input, self._levels_arg, self.mode, image_sizes)
+
+    def extra_repr(self) -> str:
+        return f"levels={self._levels_arg}, mode={self.mode!r}"
+
+
+class RoISpatialPyramidPool(nn.Module):
+    """RoI SPP: (Tensor[N, C, H, W], boxes) -> Tensor[K, C * sum(n * n)]. See ``roi_spp_pool``."""
+
+    def __init__(
+        self, levels: Sequence[int] = (1, 2, 4), spatial_scale: float = 1.0, mode: str = "max"
+    ) -> None:
+        super().__init__()
+        self.levels = tuple(Fn._check_levels(levels))
+        self.spatial_scale = Fn._check_scale(spatial_scale)
+        self.mode = Fn._check_mode(mode)
+        self._levels_arg = list(levels)
+
+    @property
+    def output_multiplier(self) -> int:
+        return sum(bh * bw for bh, bw in self.levels)
+
+    def forward(self, input: torch.Tensor, boxes) -> torch.Tensor:
+        return Fn.roi_spp_pool(input, boxes, self._levels_arg, self.spatial_scale, self.mode)
+
+    def extra_repr(self) -> str:
+        return f"levels={self._levels_arg}, spatial_scale={self.spatial_scale}, mode={self.mode!r}"
+
+
+class RoIPool(nn.Module):
+    """Fast R-CNN RoI pooling (torchvision-exact for max): -> Tensor[K, C, oh, ow]."""
+
+    def __init__(
+        self, output_size: int | tuple[int, int], spatial_scale: float = 1.0, mode: str = "max"
+    ) -> None:
+        super().__init__()
+        self.output_size = Fn._check_output_size(output_size)
+        self.spatial_scale = Fn._check_scale(spatial_scale)
+        self.mode = Fn._check_mode(mode)
+
+    def forward(self, input: torch.Tensor, boxes) -> torch.Tensor:
+        return Fn.roi_pool(input, boxes, self.output_size, self.spatial_scale, self.mode)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"mode={self.mode!r}")
