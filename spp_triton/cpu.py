@@ -212,18 +212,32 @@ def _summed_area_table(x: torch.Tensor) -> torch.Tensor:
 def _avg_single(x, regions, scales, levels, partition, bin_dtype):
     k = regions.shape[0]
     n_img, c, height, width = x.shape
-    sat = _summed_area_table(x)
+    finite = torch.isfinite(x)
+    all_finite = bool(finite.all())
+    # A summed-area table would smear a NaN or inf over every later sum: tabulate the finite
+    # values, and (only if there are any) count NaN, +inf and -inf per bin separately.
+    sat = _summed_area_table(x if all_finite else torch.where(finite, x, torch.zeros_like(x)))
+    specials = None if all_finite else [
+        _summed_area_table(m) for m in (x.isnan(), x == float("inf"), x == float("-inf"))]
     b = _batch_index(regions)[:, None, None]
     outs = []
     edges = region_bin_edges(regions, scales, height, width, levels, partition, bin_dtype)
     for r_lo, r_hi, c_lo, c_hi in edges:
-        def corner(r, cc):
-            # advanced indices around a slice: result is [K, bh, bw, C]
-            return sat[b, :, r[:, :, None], cc[:, None, :]]
-        total = corner(r_hi, c_hi) - corner(r_lo, c_hi) - corner(r_hi, c_lo) + corner(r_lo, c_lo)
+        def box_sum(table):
+            # advanced indices around a slice: each lookup is [K, bh, bw, C]
+            def at(r, cc):
+                return table[b, :, r[:, :, None], cc[:, None, :]]
+            return at(r_hi, c_hi) - at(r_lo, c_hi) - at(r_hi, c_lo) + at(r_lo, c_lo)
+
+        total = box_sum(sat)
         count = ((r_hi - r_lo)[:, :, None] * (c_hi - c_lo)[:, None, :]).clamp(min=0)
         mean = torch.where(count[..., None] > 0, total / count.clamp(min=1)[..., None],
                            torch.zeros_like(total))
+        if specials is not None:
+            nan, pos, neg = (box_sum(t) > 0.5 for t in specials)
+            mean = torch.where(pos, float("inf"), mean)
+            mean = torch.where(neg, float("-inf"), mean)
+            mean = torch.where(nan | (pos & neg), float("nan"), mean)
         outs.append(mean.permute(0, 3, 1, 2).to(x.dtype).reshape(k, -1))
     return outs
 
