@@ -121,12 +121,34 @@ def _derive_max(fine_val, fine_arg, bh, bw):
     return val.masked_fill(is_empty, 0), arg.masked_fill(is_empty, -1)
 
 
-def _roi_max_single(x: torch.Tensor, regions: torch.Tensor, scales, levels: Levels,
-                    bin_dtype: torch.dtype):
-    """Max over the RoI partition on one feature map. Returns per-level (values, argmax)."""
+# RoIs are pooled in chunks whose finest-level intermediates stay cache-sized (elements).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _roi_max_chunked(x: torch.Tensor, regions: torch.Tensor, scales, levels: Levels,
+                     bin_dtype: torch.dtype):
+    """Max over the RoI partition on one feature map, in cache-sized chunks of RoIs: the
+    derivation of coarse levels makes several passes over the finest level's values, which is
+    only cheap while they stay in cache. Returns per-level (values [K, C*bh*bw], argmax)."""
+    k, c = regions.shape[0], x.shape[1]
+    finest = max(bh * bw for bh, bw in levels)
+    step = max(1, _CHUNK_ELEMENTS // max(1, c * finest))
+    x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    has_nan = bool(x32.isnan().any())
+    if k <= step:
+        return _roi_max_single(x32, regions, scales, levels, bin_dtype, has_nan, x.dtype)
+    parts = [_roi_max_single(x32, regions[i:i + step], scales[i:i + step], levels, bin_dtype,
+                             has_nan, x.dtype) for i in range(0, k, step)]
+    return [(torch.cat([p[j][0] for p in parts]), torch.cat([p[j][1] for p in parts]))
+            for j in range(len(levels))]
+
+
+def _roi_max_single(x32: torch.Tensor, regions: torch.Tensor, scales, levels: Levels,
+                    bin_dtype: torch.dtype, has_nan: bool, out_dtype: torch.dtype):
+    """Max over the RoI partition on one (float32/float64) feature map."""
+    x = x32
     n_img, c, height, width = x.shape
     k = regions.shape[0]
-    x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
     x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
     # Quantised RoIs as exact floats with scale 1: torchvision then partitions exactly as bins.py.
     qrois = torch.stack(
@@ -160,9 +182,9 @@ def _roi_max_single(x: torch.Tensor, regions: torch.Tensor, scales, levels: Leve
             val[bad], arg[bad] = v2, a2
         results[i] = (val, arg)
 
-    if x32.isnan().any():
+    if has_nan:
         _patch_nan_bins(x32, qrois, levels, results, bin_dtype, scales, regions)
-    return [(v.to(x.dtype).reshape(k, c * v.shape[2] * v.shape[3]), a.reshape(k, -1))
+    return [(v.to(out_dtype).reshape(k, c * v.shape[2] * v.shape[3]), a.reshape(k, -1))
             for v, a in results]
 
 
@@ -176,7 +198,7 @@ def _patch_nan_bins(x32, qrois, levels, results, bin_dtype, scales, regions):
     # positions are exact below 2**24 pixels per plane (float32).
     flat = torch.arange(plane, device=x32.device, dtype=bin_dtype).view(1, 1, height, width)
     key = torch.where(x32.isnan(), plane - flat, torch.full_like(flat, -1.0))
-    key_levels = _roi_max_single(key, regions, scales, levels, bin_dtype)
+    key_levels = _roi_max_single(key, regions, scales, levels, bin_dtype, False, key.dtype)
     for i, (kv, _) in enumerate(key_levels):
         val, arg = results[i]
         kv = kv.view_as(val)
@@ -310,7 +332,7 @@ def pyramid_pool_forward(
         if mode == "avg":
             vals, args = _avg_single(x, reg, scales, levels, partition, bin_dtype), []
         else:
-            pairs = (_roi_max_single(x, reg, scales, levels, bin_dtype) if partition == "roi"
+            pairs = (_roi_max_chunked(x, reg, scales, levels, bin_dtype) if partition == "roi"
                      else _adaptive_max_single(x, reg, levels))
             vals, args = [p[0] for p in pairs], [p[1] for p in pairs]
         if sel is None:
