@@ -131,9 +131,9 @@ def train(config: str, run_dir: Path, opts: Sequence[str], num_gpus: int = 1) ->
     cmd = [sys.executable, str(TRAIN_NET), "--config-file", config, "--num-gpus", str(num_gpus)]
     if resume:
         cmd.append("--resume")
-    # The report evaluates with its own timing; an empty DATASETS.TEST skips the trainer's
-    # end-of-training evaluation (it would run the same inference twice).
-    cmd += ["OUTPUT_DIR", str(run_dir), "DATASETS.TEST", "()", *opts]
+    # The report evaluates with its own timing; an empty DATASETS.TEST (last, so that it wins over
+    # the opts) skips the trainer's end-of-training evaluation, which would run inference twice.
+    cmd += [*opts, "OUTPUT_DIR", str(run_dir), "DATASETS.TEST", "()"]
     _log(("resuming" if resume else "training") + f" {run_name(config)}: " + " ".join(cmd))
     start = time.perf_counter()
     env = dict(os.environ, PYTHONUNBUFFERED="1")

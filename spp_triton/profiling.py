@@ -1,0 +1,481 @@
+"""Operation counts ("FLOPs") for the ``torch.ops.spp_triton`` operators.
+
+Pooling does no multiply-adds, so FLOP counters (fvcore / detectron2 ``FlopCountAnalysis``,
+``torch.utils.flop_counter.FlopCounterMode``) count it as zero or skip it with a warning. This
+module gives them a count, in one unit: **reduction operations per input element read**.
+
+Definition, per channel and per output bin of area ``A`` pixels (the bin's rectangle after
+clipping to the feature map, see :mod:`spp_triton.bins`):
+
+* ``max``: ``A`` (``A - 1`` comparisons plus the first load/compare; i.e. one per element read).
+* ``avg``: ``A`` adds plus ``1`` divide, for a non-empty bin; an empty bin (``A == 0``, a RoI
+  outside the map) costs ``0`` (the kernels write 0 without dividing).
+
+summed over all bins of all levels, all regions and all channels. The backward
+(``spp_triton::pyramid_pool_backward``) counts ``1`` add per routed gradient for ``max`` (one per
+output element whose bin is non-empty) and ``A`` adds ``+ 1`` divide per bin for ``avg``.
+
+Bin areas depend on the box *values*, so there are three levels of accuracy:
+
+* **exact** (:func:`count_pool_ops`): from the actual regions. Used by the
+  ``torch.utils.flop_counter`` formulas whenever the op receives real tensors (eager
+  ``FlopCounterMode``), and available directly.
+* **shape-only lower bound** (:func:`estimate_pool_ops` with ``roi_size=None``): every bin is
+  assumed to hold one pixel, i.e. ``K * C * P`` for max and ``2 * K * C * P`` for avg, with ``K``
+  regions, ``C`` channels, ``P = sum(bh * bw)`` bins per channel. Exact only when every bin is a
+  single pixel; real RoIs are usually larger, so this *under*-counts (a 20 x 20-pixel RoI on its
+  FPN level costs ~400 per channel at level 1, not 1). Used by the fvcore/detectron2 handles
+  (``torch.jit`` traces carry shapes, not the values of computed tensors such as proposals) and
+  by the ``flop_counter`` formulas under fake tensors (``torch.compile``, meta).
+* **shape-only with a typical RoI size** (``roi_size=(h, w)`` in feature-map pixels, e.g. from
+  the mean proposal size): each level costs ``S(h, bh) * S(w, bw)`` per RoI and channel, where
+  ``S(e, n)`` is the summed length of the ``n`` RoI-partition bins over an extent of ``e`` pixels
+  (``>= max(e, n)``; bins share boundary pixels). Pass it to :func:`make_flop_handles`.
+
+Whole-map SPP (``spp_triton::spp_pool``) has no box values: its shape-only count assumes every
+image's valid region is the full map (exact when ``spp_pool`` was called with
+``image_sizes=None``, an upper bound otherwise); with real tensors it is exact.
+
+Usage::
+
+    from spp_triton import profiling  # registers everything below (idempotent)
+    # detectron2's FlopCountAnalysis with the handles set; works around detectron2 v0.6's
+    # unconditional Caffe2 import (see _import_detectron2_analysis)
+    flops = profiling.detectron2_flop_count_analysis(model, inputs)
+    flops.by_operator()["multilevel_roi_spp_pool"]
+
+    # or explicitly, e.g. on a plain fvcore analysis built before the import:
+    fvcore.nn.FlopCountAnalysis(model, inputs).set_op_handle(**profiling.flop_handles())
+
+    with torch.utils.flop_counter.FlopCounterMode() as fc:   # built after the import
+        spp_triton.roi_spp_pool(x, boxes, (1, 2, 4), 1 / 16)
+    fc.get_total_flops()   # exact count for these boxes
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import spp_triton.ops  # noqa: F401  (registers torch.ops.spp_triton.*)
+from spp_triton import bins
+
+__all__ = [
+    "SPP_TRITON_FLOP_HANDLES",
+    "OP_NAMES",
+    "count_pool_ops",
+    "count_pool_backward_ops",
+    "estimate_pool_ops",
+    "estimate_spp_pool_ops",
+    "bin_extent_sum",
+    "make_flop_handles",
+    "flop_handles",
+    "register_flop_handles",
+    "register_flop_formulas",
+    "detectron2_flop_count_analysis",
+]
+
+#: The names under which the ops appear in a ``torch.jit`` trace (fvcore handle keys).
+OP_NAMES = (
+    "spp_triton::roi_spp_pool",
+    "spp_triton::multilevel_roi_spp_pool",
+    "spp_triton::spp_pool",
+    "spp_triton::pyramid_pool_backward",
+)
+
+
+def _pairs(levels_hw: Sequence[int]) -> list[tuple[int, int]]:
+    return [(int(levels_hw[i]), int(levels_hw[i + 1])) for i in range(0, len(levels_hw), 2)]
+
+
+# ----------------------------------------------------------------------------- exact counts
+def _bin_lengths(regions, scales, height, width, levels, partition, bin_dtype):
+    """Per level, clipped bin lengths ``(rows [K, bh], cols [K, bw])`` (int64, >= 0)."""
+    out = []
+    if partition == "roi":
+        x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
+        for bh, bw in levels:
+            r_lo, r_hi = bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype)
+            c_lo, c_hi = bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype)
+            out.append(((r_hi - r_lo).clamp(min=0), (c_hi - c_lo).clamp(min=0)))
+    else:
+        valid_h = regions[:, 1].to(torch.int64).clamp(1, height)
+        valid_w = regions[:, 2].to(torch.int64).clamp(1, width)
+        for bh, bw in levels:
+            r_lo, r_hi = bins.adaptive_bin_edges(valid_h, bh)
+            c_lo, c_hi = bins.adaptive_bin_edges(valid_w, bw)
+            out.append((r_hi - r_lo, c_hi - c_lo))
+    return out
+
+
+def _area_totals(
+    feature_shapes: Sequence[Sequence[int]],
+    regions: torch.Tensor,
+    feature_index: torch.Tensor | None,
+    scales: Sequence[float],
+    levels: Sequence[tuple[int, int]],
+    partition: str,
+) -> tuple[int, int]:
+    """``(sum of bin areas, number of non-empty bins)`` over all regions and levels, one channel."""
+    regions = regions.detach().to("cpu")
+    bin_dtype = torch.float64 if regions.dtype == torch.float64 else torch.float32
+    regions = regions.to(bin_dtype)
+    if feature_index is None:
+        feature_index = torch.zeros(regions.shape[0], dtype=torch.int64)
+    feature_index = feature_index.detach().to("cpu", torch.int64)
+    area_sum, nonempty = 0, 0
+    for f, shape in enumerate(feature_shapes):
+        sel = regions[feature_index == f]
+        if sel.shape[0] == 0:
+            continue
+        height, width = int(shape[-2]), int(shape[-1])
+        for rows, cols in _bin_lengths(
+            sel, float(scales[f]), height, width, levels, partition, bin_dtype
+        ):
+            area = rows[:, :, None] * cols[:, None, :]
+            area_sum += int(area.sum())
+            nonempty += int((area > 0).sum())
+    return area_sum, nonempty
+
+
+def count_pool_ops(
+    feature_shapes: Sequence[Sequence[int]],
+    regions: torch.Tensor,
+    feature_index: torch.Tensor | None,
+    scales: Sequence[float],
+    levels: Sequence[tuple[int, int]] | Sequence[int],
+    mode: str,
+    partition: str = "roi",
+) -> int:
+    """Exact forward count for real region values (see the module docstring).
+
+    Args:
+        feature_shapes: the maps' shapes ``[N, C, H_f, W_f]`` (all the same ``C``).
+        regions: ``partition="roi"``: Tensor[K, 5] (batch, x1, y1, x2, y2) in image coordinates;
+            ``partition="adaptive"``: Tensor[N, 3] (batch, valid_h, valid_w).
+        feature_index: int Tensor[K], the map of each region (``None``: all on map 0).
+        scales: one spatial scale per map (ignored for ``"adaptive"``).
+        levels: ints ``n`` or ``(bh, bw)`` pairs.
+        mode: ``"max"`` or ``"avg"``.
+    """
+    levels = bins.normalize_levels(levels)
+    channels = int(feature_shapes[0][1])
+    area_sum, nonempty = _area_totals(
+        feature_shapes, regions, feature_index, scales, levels, partition
+    )
+    return channels * (area_sum + (nonempty if mode == "avg" else 0))
+
+
+def count_pool_backward_ops(
+    feature_shapes: Sequence[Sequence[int]],
+    regions: torch.Tensor,
+    feature_index: torch.Tensor | None,
+    scales: Sequence[float],
+    levels: Sequence[tuple[int, int]] | Sequence[int],
+    mode: str,
+    partition: str = "roi",
+    argmax: torch.Tensor | None = None,
+) -> int:
+    """Exact backward count: max, 1 add per output element with a non-empty bin (from ``argmax``
+    when given, else from the bin geometry); avg, the forward count (``A`` adds + 1 divide)."""
+    levels = bins.normalize_levels(levels)
+    if mode == "max" and argmax is not None and argmax.numel():
+        return int((argmax >= 0).sum())
+    channels = int(feature_shapes[0][1])
+    area_sum, nonempty = _area_totals(
+        feature_shapes, regions, feature_index, scales, levels, partition
+    )
+    return channels * (nonempty if mode == "max" else area_sum + nonempty)
+
+
+# ----------------------------------------------------------------------------- shape-only estimates
+def bin_extent_sum(extent: int, n: int) -> int:
+    """``S(e, n)``: summed length of the ``n`` RoI-partition bins over ``e >= 1`` pixels
+    (unclipped; bin ``p`` is ``[floor(p * e / n), ceil((p + 1) * e / n))``, in exact integers)."""
+    e = max(int(extent), 1)
+    return sum(-(-(p + 1) * e // n) - (p * e // n) for p in range(n))
+
+
+def estimate_pool_ops(
+    num_regions: int,
+    channels: int,
+    levels: Sequence[tuple[int, int]] | Sequence[int],
+    mode: str,
+    roi_size: tuple[float, float] | None = None,
+) -> int:
+    """Shape-only forward count (see the module docstring).
+
+    ``roi_size=None``: one pixel per bin, ``K * C * P`` (max) or ``2 * K * C * P`` (avg), a lower
+    bound. ``roi_size=(h, w)``: every RoI assumed ``round(h) x round(w)`` feature pixels, inside
+    the map: ``K * C * sum_levels S(h, bh) * S(w, bw)`` (+ ``K * C * P`` divides for avg).
+    """
+    levels = bins.normalize_levels(levels)
+    p = bins.pyramid_width(levels)
+    if roi_size is None:
+        per_roi = p
+    else:
+        h, w = (max(1, int(round(v))) for v in roi_size)
+        per_roi = sum(bin_extent_sum(h, bh) * bin_extent_sum(w, bw) for bh, bw in levels)
+    divides = p if mode == "avg" else 0
+    return int(num_regions) * int(channels) * (per_roi + divides)
+
+
+def estimate_spp_pool_ops(
+    shape: Sequence[int], levels: Sequence[tuple[int, int]] | Sequence[int], mode: str
+) -> int:
+    """Whole-map SPP of ``[N, C, H, W]`` with every image's valid region the full map (exact for
+    ``image_sizes=None``): adaptive bins ``[floor(p * H / n), ceil((p + 1) * H / n))``."""
+    n_img, channels, height, width = (int(v) for v in shape)
+    regions = torch.tensor([[0, height, width]], dtype=torch.int64)
+    levels = bins.normalize_levels(levels)
+    area_sum, nonempty = _area_totals([shape], regions, None, [1.0], levels, "adaptive")
+    return n_img * channels * (area_sum + (nonempty if mode == "avg" else 0))
+
+
+# ----------------------------------------------------------------------------- fvcore handles
+def _jit_shape(value) -> list[int] | None:
+    try:
+        if value.isCompleteTensor():
+            return list(value.type().sizes())
+    except RuntimeError:
+        pass
+    return None
+
+
+def _jit_constant(value) -> Any:
+    """The Python value of a constant (or a list of constants) in a trace; ``None`` if computed."""
+    node = value.node()
+    if node.kind() == "prim::ListConstruct":
+        items = [_jit_constant(v) for v in node.inputs()]
+        return None if any(i is None for i in items) else items
+    try:
+        return value.toIValue()
+    except RuntimeError:
+        return None
+
+
+def _jit_list_shapes(value) -> list[list[int] | None]:
+    node = value.node()
+    if node.kind() == "prim::ListConstruct":
+        return [_jit_shape(v) for v in node.inputs()]
+    return [None]
+
+
+def _levels_from(levels_value, out_width: int | None, channels: int | None):
+    levels_hw = _jit_constant(levels_value)
+    if levels_hw is not None:
+        return _pairs(levels_hw)
+    if out_width is not None and channels:
+        return [(1, out_width // channels)]  # only P = bins per channel matters to the estimate
+    raise ValueError("spp_triton flop handle: cannot determine the pyramid levels from the trace")
+
+
+def _handle_roi_like(inputs, outputs, roi_size, feature_arg: str):
+    """Shared by roi_spp_pool (one map) and multilevel_roi_spp_pool (a list of maps)."""
+    out_shape = _jit_shape(outputs[0])
+    if feature_arg == "single":
+        feat = _jit_shape(inputs[0])
+        channels = feat[1] if feat else None
+        levels_value, mode_value = inputs[2], inputs[4]
+    else:
+        shapes = [s for s in _jit_list_shapes(inputs[0]) if s]
+        channels = shapes[0][1] if shapes else None
+        levels_value, mode_value = inputs[4], inputs[5]
+    rois = _jit_shape(inputs[1])
+    num = rois[0] if rois else (out_shape[0] if out_shape else 0)
+    if channels is None:
+        raise ValueError("spp_triton flop handle: the trace carries no feature-map shape")
+    levels = _levels_from(levels_value, out_shape[1] if out_shape else None, channels)
+    mode = _jit_constant(mode_value) or "max"
+    return estimate_pool_ops(num, channels, levels, mode, roi_size)
+
+
+def make_flop_handles(roi_size: tuple[float, float] | None = None) -> dict:
+    """fvcore handles for the spp_triton ops (keys: the names in a ``torch.jit`` trace).
+
+    ``roi_size``: typical RoI size ``(h, w)`` in feature-map pixels for the RoI ops' estimate
+    (default ``None``: the one-pixel-per-bin lower bound). See the module docstring.
+    """
+
+    def roi_spp_pool_handle(inputs, outputs):
+        return _handle_roi_like(inputs, outputs, roi_size, "single")
+
+    def multilevel_roi_spp_pool_handle(inputs, outputs):
+        return _handle_roi_like(inputs, outputs, roi_size, "list")
+
+    def spp_pool_handle(inputs, outputs):
+        shape = _jit_shape(inputs[0])
+        if shape is None:
+            raise ValueError("spp_triton flop handle: the trace carries no input shape")
+        levels = _levels_from(inputs[2], None, shape[1])
+        return estimate_spp_pool_ops(shape, levels, _jit_constant(inputs[3]) or "max")
+
+    def backward_handle(inputs, outputs):
+        # (grad, feature_shapes, regions, feature_index, scales, levels_hw, mode, partition, argmax)
+        grad = _jit_shape(inputs[0])
+        mode = _jit_constant(inputs[6]) or "max"
+        if grad is None:
+            return 0
+        per_output = 1 if mode == "max" else 2
+        return int(math.prod(grad)) * per_output
+
+    return {
+        "spp_triton::roi_spp_pool": roi_spp_pool_handle,
+        "spp_triton::multilevel_roi_spp_pool": multilevel_roi_spp_pool_handle,
+        "spp_triton::spp_pool": spp_pool_handle,
+        "spp_triton::pyramid_pool_backward": backward_handle,
+    }
+
+
+def flop_handles(roi_size: tuple[float, float] | None = None) -> dict:
+    """A fresh dict of the fvcore handles (same as :func:`make_flop_handles`), for
+    ``analysis.set_op_handle(**flop_handles())``."""
+    return make_flop_handles(roi_size)
+
+
+#: Default fvcore handles (shape-only lower bound for the RoI ops), usable as
+#: ``FlopCountAnalysis(model, inputs).set_op_handle(**SPP_TRITON_FLOP_HANDLES)``.
+SPP_TRITON_FLOP_HANDLES: dict = make_flop_handles()
+
+
+# ----------------------------------------------------------------------------- torch flop_counter
+def _is_fake(*tensors) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(
+        isinstance(t, torch.Tensor) and (is_fake(t) or t.device.type == "meta") for t in tensors
+    )
+
+
+def _roi_formula(input, rois, levels_hw, spatial_scale, mode, out_val=None, **_):
+    levels = _pairs(levels_hw)
+    if _is_fake(input, rois):
+        return estimate_pool_ops(rois.shape[0], input.shape[1], levels, mode)
+    return count_pool_ops([input.shape], rois, None, [spatial_scale], levels, mode)
+
+
+def _multi_formula(
+    features, rois, feature_index, spatial_scales, levels_hw, mode, out_val=None, **_
+):
+    levels = _pairs(levels_hw)
+    if _is_fake(*features, rois, feature_index):
+        return estimate_pool_ops(rois.shape[0], features[0].shape[1], levels, mode)
+    return count_pool_ops(
+        [f.shape for f in features], rois, feature_index, spatial_scales, levels, mode
+    )
+
+
+def _spp_formula(input, regions, levels_hw, mode, out_val=None, **_):
+    levels = _pairs(levels_hw)
+    if _is_fake(input, regions):
+        return estimate_spp_pool_ops(input.shape, levels, mode)
+    return count_pool_ops([input.shape], regions, None, [1.0], levels, mode, "adaptive")
+
+
+def _backward_formula(
+    grad,
+    feature_shapes,
+    regions,
+    feature_index,
+    spatial_scales,
+    levels_hw,
+    mode,
+    partition,
+    argmax,
+    out_val=None,
+    **_,
+):
+    if _is_fake(grad, regions, feature_index, argmax):
+        return grad.numel() * (1 if mode == "max" else 2)
+    shapes = [feature_shapes[i : i + 4] for i in range(0, len(feature_shapes), 4)]
+    return count_pool_backward_ops(
+        shapes, regions, feature_index, spatial_scales, _pairs(levels_hw), mode, partition, argmax
+    )
+
+
+def _formulas() -> dict:
+    ops = torch.ops.spp_triton
+    return {
+        ops.roi_spp_pool: _roi_formula,
+        ops.multilevel_roi_spp_pool: _multi_formula,
+        ops.spp_pool: _spp_formula,
+        ops.pyramid_pool_backward: _backward_formula,
+    }
+
+
+def register_flop_formulas() -> None:
+    """Register the ``torch.utils.flop_counter`` formulas (raw tensors: exact when real, the
+    shape-only lower bound when fake). Idempotent. A ``FlopCounterMode`` built *before* this ran
+    does not see them (it copies the registry); pass ``custom_mapping`` to such a mode instead."""
+    from torch.utils import flop_counter
+
+    for target, formula in _formulas().items():
+        if target not in flop_counter.flop_registry:
+            flop_counter.register_flop_formula(target, get_raw=True)(formula)
+
+
+def register_flop_handles(analysis=None):
+    """Make fvcore/detectron2 ``FlopCountAnalysis`` count the spp_triton ops.
+
+    With ``analysis`` (an fvcore ``JitModelAnalysis``): set the handles on it and return it.
+    Always: add them to fvcore's default handles (so every ``FlopCountAnalysis`` created later,
+    detectron2's included, counts them) and register the ``torch.utils.flop_counter`` formulas.
+    Idempotent; run on import of this module.
+    """
+    # ``fvcore.nn.flop_count`` is also a function name: fetch the module itself.
+    flop_count = importlib.import_module("fvcore.nn.flop_count")
+
+    for name, handle in SPP_TRITON_FLOP_HANDLES.items():
+        flop_count._DEFAULT_SUPPORTED_OPS.setdefault(name, handle)
+    register_flop_formulas()
+    if analysis is not None:
+        analysis.set_op_handle(**SPP_TRITON_FLOP_HANDLES)
+    return analysis
+
+
+register_flop_handles()
+
+
+# ----------------------------------------------------------------------------- detectron2
+def _import_detectron2_analysis():
+    """``detectron2.utils.analysis`` (whose ``FlopCountAnalysis`` traces through
+    ``detectron2.export.TracingAdapter``).
+
+    detectron2 v0.6's ``detectron2/export/__init__.py`` imports its Caffe2 exporter
+    (``from caffe2.proto import caffe2_pb2``) unconditionally; PyTorch no longer ships Caffe2, so
+    the import fails and takes ``detectron2.utils.analysis`` with it (detectron2's main branch
+    guards that import). When, and only when, that is the failure, an empty stand-in for
+    ``detectron2.export.api`` (the Caffe2 exporter, unusable without Caffe2 anyway) is put in
+    ``sys.modules`` and the import is retried; ``TracingAdapter`` and the analysis are detectron2's.
+    """
+    try:
+        return importlib.import_module("detectron2.utils.analysis")
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith("caffe2"):
+            raise
+    for name in [
+        m
+        for m in sys.modules
+        if m == "detectron2.export"
+        or m.startswith(("detectron2.export.", "detectron2.utils.analysis"))
+    ]:
+        del sys.modules[name]  # half-initialised by the failed import
+    stub = types.ModuleType("detectron2.export.api")
+    stub.__doc__ = "Stand-in: detectron2's Caffe2 exporter needs caffe2, absent from PyTorch."
+    stub.__all__ = []
+    sys.modules["detectron2.export.api"] = stub
+    return importlib.import_module("detectron2.utils.analysis")
+
+
+def detectron2_flop_count_analysis(model, inputs):
+    """``detectron2.utils.analysis.FlopCountAnalysis(model, inputs)`` with the spp_triton handles
+    set (works around detectron2 v0.6's Caffe2 import, see :func:`_import_detectron2_analysis`).
+    Counts are computed lazily (``.total()``, ``.by_operator()``, ...)."""
+    analysis = _import_detectron2_analysis().FlopCountAnalysis(model, inputs)
+    return register_flop_handles(analysis)

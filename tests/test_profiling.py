@@ -1,0 +1,251 @@
+"""Operation counting of the spp_triton ops (spp_triton.profiling).
+
+* detectron2's FlopCountAnalysis of the Shapes SPP model counts the pooling (the traced
+  ``spp_triton::multilevel_roi_spp_pool``) with the documented shape-only formula;
+* fvcore handles on a plain module (all three forward ops);
+* torch.utils.flop_counter formulas: exact counts against a loop over the oracle's bins
+  (spp_triton.reference), the backward, and the shape-only fallback under fake tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import spp_triton
+from spp_triton import profiling, reference
+
+REPO = Path(__file__).resolve().parents[1]
+SPP_CONFIG = REPO / "configs" / "Shapes" / "faster_rcnn_R_18_FPN_spp124.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _boxes(gen, k, n_img, img_h, img_w):
+    """Boxes partly outside the map, degenerate and ordinary (image coordinates)."""
+    x = torch.rand(k, 2, generator=gen) * img_w * 1.4 - img_w * 0.2
+    y = torch.rand(k, 2, generator=gen) * img_h * 1.4 - img_h * 0.2
+    b = torch.randint(0, n_img, (k,), generator=gen).float()
+    return torch.stack([b, x.min(1).values, y.min(1).values, x.max(1).values, y.max(1).values], 1)
+
+
+def _loop_count(shape, rois, scale, levels, mode):
+    """The definition, by enumeration of the oracle's bins: max A, avg A + 1 (A > 0) per bin."""
+    _, c, h, w = shape
+    total = 0
+    for r in rois.tolist():
+        for n in levels:
+            for (h0, h1), (w0, w1) in reference.roi_bins_reference(
+                r[1], r[2], r[3], r[4], scale, n, n, h, w, torch.float32
+            ):
+                area = max(h1 - h0, 0) * max(w1 - w0, 0)
+                total += area + (1 if mode == "avg" and area > 0 else 0)
+    return c * total
+
+
+# ------------------------------------------------------------------------------ detectron2
+def test_detectron2_flop_analysis_counts_spp_pooling(monkeypatch):
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from spp_triton.modeling import add_spp_config
+
+    cfg = get_cfg()
+    add_spp_config(cfg)
+    cfg.merge_from_file(str(SPP_CONFIG))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE == "SPP"
+
+    calls = []
+    original = spp_triton.multilevel_roi_spp_pool
+
+    def spy(features, rois, feature_index, spatial_scales, levels=(1, 2, 4), mode="max"):
+        calls.append(
+            dict(
+                shapes=[tuple(f.shape) for f in features],
+                rois=rois.detach().clone(),
+                index=feature_index.detach().clone(),
+                scales=list(spatial_scales),
+                levels=list(levels),
+                mode=mode,
+            )
+        )
+        return original(features, rois, feature_index, spatial_scales, levels, mode)
+
+    monkeypatch.setattr(spp_triton, "multilevel_roi_spp_pool", spy)
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.rand(3, 96, 128, generator=g) * 255, "height": 96, "width": 128}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = profiling.detectron2_flop_count_analysis(model, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        by_op = analysis.by_operator()
+        unsupported = analysis.unsupported_ops()
+
+    assert len(calls) == 1, "the SPP head pools all FPN levels in one op call"
+    call = calls[0]
+    k, c = call["rois"].shape[0], call["shapes"][0][1]
+    levels = [(n, n) if isinstance(n, int) else tuple(n) for n in call["levels"]]
+    expected = profiling.estimate_pool_ops(k, c, levels, call["mode"])
+    assert k > 0 and expected == k * c * 21
+    assert by_op["multilevel_roi_spp_pool"] == expected > 0
+    assert "spp_triton::multilevel_roi_spp_pool" not in unsupported
+    assert by_op["conv"] > 0 and by_op["linear"] > 0  # the rest of the model is still counted
+    # the shape-only count is a lower bound of the exact count for these proposals
+    exact = profiling.count_pool_ops(
+        call["shapes"], call["rois"], call["index"], call["scales"], levels, call["mode"]
+    )
+    assert exact >= expected
+
+
+def test_handles_are_fvcore_defaults_after_import():
+    import importlib
+
+    defaults = importlib.import_module("fvcore.nn.flop_count")._DEFAULT_SUPPORTED_OPS
+    for name in profiling.OP_NAMES:
+        assert name in defaults and name in profiling.SPP_TRITON_FLOP_HANDLES
+    assert set(profiling.flop_handles()) == set(profiling.OP_NAMES)
+
+
+# ------------------------------------------------------------------------------ fvcore
+class _ThreeOps(torch.nn.Module):
+    def forward(self, x, rois, index):
+        a = spp_triton.roi_spp_pool(x, rois, (1, 2, 4), 0.25, "avg")
+        b = spp_triton.spp_pool(x, (1, 3), "max")
+        c = spp_triton.multilevel_roi_spp_pool([x, x[:, :, ::2, ::2]], rois, index, [0.25, 0.125])
+        return a, b, c
+
+
+def test_fvcore_handles_count_each_op():
+    from fvcore.nn import FlopCountAnalysis
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 12, 17, generator=g)
+    rois = _boxes(g, 9, 2, 48, 68)
+    index = torch.randint(0, 2, (9,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fca = FlopCountAnalysis(_ThreeOps(), (x, rois, index))
+        fca.set_op_handle(**profiling.SPP_TRITON_FLOP_HANDLES)
+        fca.unsupported_ops_warnings(False)
+        by_op = fca.by_operator()
+    assert by_op["roi_spp_pool"] == 2 * 9 * 5 * 21  # avg: 1 read + 1 divide per bin (lower bound)
+    assert by_op["multilevel_roi_spp_pool"] == 9 * 5 * 21
+    # whole-map SPP is exact from shapes: per channel, level 1 reads 12*17, level 3 reads the
+    # adaptive bins (12 -> 3 bins of 4 rows; 17 -> [0,6) [5,12) [11,17): 6 + 7 + 6 columns)
+    assert by_op["spp_pool"] == 2 * 5 * (12 * 17 + 12 * 19)
+    exact = profiling.count_pool_ops(
+        [x.shape], torch.tensor([[0, 12, 17]]), None, [1.0], (1, 3), "max", "adaptive"
+    )
+    assert by_op["spp_pool"] == 2 * exact
+
+
+def test_roi_size_hint_matches_exact_count_for_uniform_boxes():
+    """With every RoI e x e feature pixels inside the map, the hinted estimate is exact."""
+    from fvcore.nn import FlopCountAnalysis
+
+    class One(torch.nn.Module):
+        def forward(self, x, rois):
+            return spp_triton.roi_spp_pool(x, rois, (1, 2, 3, 6), 1.0)
+
+    x = torch.randn(1, 3, 30, 30)
+    e = 11  # corners x0..x0+10 -> 11 pixels
+    rois = torch.tensor([[0.0, s, s + 1, s + e - 1, s + e] for s in (0, 4, 9, 15)])
+    exact = profiling.count_pool_ops([x.shape], rois, None, [1.0], (1, 2, 3, 6), "max")
+    assert exact == _loop_count(x.shape, rois, 1.0, (1, 2, 3, 6), "max")
+    assert profiling.estimate_pool_ops(4, 3, (1, 2, 3, 6), "max", roi_size=(e, e)) == exact
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fca = FlopCountAnalysis(One(), (x, rois))
+        fca.set_op_handle(**profiling.make_flop_handles(roi_size=(e, e)))
+        assert fca.total() == exact
+
+
+def test_bin_extent_sum():
+    assert profiling.bin_extent_sum(8, 4) == 8  # bins tile exactly
+    assert profiling.bin_extent_sum(7, 2) == 8  # [0,4) [3,7): the middle pixel is read twice
+    assert profiling.bin_extent_sum(2, 6) == 6  # more bins than pixels: one pixel each
+    for e in range(1, 30):
+        for n in (1, 2, 3, 6, 7):
+            assert max(e, n) <= profiling.bin_extent_sum(e, n) <= e + n - 1 or e < n
+
+
+# ------------------------------------------------------------------------------ flop_counter
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_flop_counter_counts_a_direct_call_exactly(mode):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 10, 13, generator=g, requires_grad=True)
+    rois = _boxes(g, 12, 2, 40, 52)
+    levels = (1, 2, 4)
+    with FlopCounterMode(display=False) as fc:
+        out = spp_triton.roi_spp_pool(x, rois, levels, 0.25, mode)
+    counts = fc.get_flop_counts()["Global"]
+    fwd = counts[torch.ops.spp_triton.roi_spp_pool]
+    assert fwd == _loop_count(x.shape, rois, 0.25, levels, mode) > 0
+    assert fwd == profiling.count_pool_ops([x.shape], rois, None, [0.25], levels, mode)
+
+    with FlopCounterMode(display=False) as fc:
+        out = spp_triton.roi_spp_pool(x, rois, levels, 0.25, mode)
+        out.backward(torch.ones_like(out))
+    bwd = fc.get_flop_counts()["Global"][torch.ops.spp_triton.pyramid_pool_backward]
+    if mode == "max":  # one routed add per output element whose bin is non-empty
+        nonempty = _loop_count((1, 1, 10, 13), rois, 0.25, levels, "avg") - _loop_count(
+            (1, 1, 10, 13), rois, 0.25, levels, "max"
+        )
+        assert bwd == 4 * nonempty
+    else:
+        assert bwd == fwd
+
+
+def test_flop_counter_spp_and_multilevel():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 9, 14, generator=g)
+    small = torch.randn(2, 3, 5, 7, generator=g)
+    rois = _boxes(g, 10, 2, 36, 56)
+    index = torch.randint(0, 2, (10,), generator=g)
+    with FlopCounterMode(display=False) as fc:
+        spp_triton.spp_pool(x, (1, 2, 4), "avg", image_sizes=[(9, 14), (5, 6)])
+        spp_triton.multilevel_roi_spp_pool([x, small], rois, index, [0.25, 0.125], (1, 2))
+    counts = fc.get_flop_counts()["Global"]
+
+    def adaptive(size, n):  # summed lengths of the adaptive bins
+        return sum(math.ceil((p + 1) * size / n) - (p * size) // n for p in range(n))
+
+    per_img = [
+        sum(adaptive(h, n) * adaptive(w, n) + n * n for n in (1, 2, 4))
+        for h, w in ((9, 14), (5, 6))
+    ]
+    assert counts[torch.ops.spp_triton.spp_pool] == 3 * sum(per_img)
+    expected = _loop_count(x.shape, rois[index == 0], 0.25, (1, 2), "max") + _loop_count(
+        small.shape, rois[index == 1], 0.125, (1, 2), "max"
+    )
+    assert counts[torch.ops.spp_triton.multilevel_roi_spp_pool] == expected
+
+
+def test_flop_counter_fake_tensors_fall_back_to_shape_estimate():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 8, 20, 30)
+        rois = torch.empty(7, 5)
+        with FlopCounterMode(display=False) as fc:
+            torch.ops.spp_triton.roi_spp_pool(x, rois, [1, 1, 2, 2, 3, 3, 6, 6], 0.0625, "max")
+    assert fc.get_total_flops() == 7 * 8 * 50
