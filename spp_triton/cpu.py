@@ -88,66 +88,65 @@ def _torchvision_max(x32: torch.Tensor, qrois: torch.Tensor, bh: int, bw: int):
     return out, arg.to(torch.int32)
 
 
-_INT32_MAX = (1 << 31) - 1
+def _derive_max_values(fine_val: torch.Tensor, fine_rows_empty: torch.Tensor,
+                       fine_cols_empty: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
+    """Coarse (bh, bw) maxima from fine bins grouped ``rh x rw`` (values only), reduced
+    separably, columns then rows.
 
-
-def _max_first_index(v: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reduce the last dim: the maximum, and the smallest index among the entries attaining it."""
-    best = v.amax(dim=-1)
-    cand = torch.where(v == best.unsqueeze(-1), a, _INT32_MAX)
-    return best, cand.amin(dim=-1)
-
-
-def _derive_max(fine_val, fine_arg, bh, bw):
-    """Coarse (bh, bw) maxima from fine bins grouped ``rh x rw``.
-
-    The argmax is the smallest flat index among the fine bins attaining the maximum, which is the
-    first maximal element of the coarse bin in row-major order (flat order is row-major order).
-    Reduced separably, columns then rows, so every reduction runs over a contiguous last dim;
-    "min index among those attaining the max" composes exactly across the two steps.
+    A fine bin is empty (clipped away) iff its row range or its column range is, so emptiness is
+    known from the ``[K, fh]`` / ``[K, fw]`` edge masks without touching the values. Empty fine
+    bins hold 0 (torchvision), which must not beat negative maxima: for the few RoIs that have
+    any, they count as -inf; a coarse bin with only empty fine bins gives 0.
     """
     k, c, fh, fw = fine_val.shape
     rh, rw = fh // bh, fw // bw
-    # Empty fine bins hold 0 (torchvision), which must not beat negative maxima: give them -inf
-    # and the largest index, so that they are chosen only when the whole coarse bin is empty.
-    empty = fine_arg < 0
-    v = fine_val.masked_fill(empty, float("-inf"))
-    a = fine_arg.masked_fill(empty, _INT32_MAX)
-    v, a = _max_first_index(v.view(k, c, fh, bw, rw), a.view(k, c, fh, bw, rw))
-    v = v.view(k, c, bh, rh, bw).transpose(3, 4)
-    a = a.view(k, c, bh, rh, bw).transpose(3, 4)
-    val, arg = _max_first_index(v, a)
-    is_empty = arg == _INT32_MAX
-    return val.masked_fill(is_empty, 0), arg.masked_fill(is_empty, -1)
+    partial = fine_rows_empty.any(1) | fine_cols_empty.any(1)
+    v = fine_val
+    if bool(partial.any()):
+        fine_empty = fine_rows_empty[:, None, :, None] | fine_cols_empty[:, None, None, :]
+        v = fine_val.clone()
+        v[partial] = v[partial].masked_fill(fine_empty[partial], float("-inf"))
+    v = v.view(k, c, fh, bw, rw).amax(-1).view(k, c, bh, rh, bw).amax(3)
+    if bool(partial.any()):
+        rows_empty = fine_rows_empty.view(k, bh, rh).all(2)
+        cols_empty = fine_cols_empty.view(k, bw, rw).all(2)
+        coarse_empty = rows_empty[:, None, :, None] | cols_empty[:, None, None, :]
+        v = v.masked_fill(coarse_empty, 0.0)
+    return v
 
 
-# RoIs are pooled in chunks whose finest-level intermediates stay cache-sized (elements).
-_CHUNK_ELEMENTS = 1 << 20
+# RoIs are pooled in chunks whose finest-level values stay cache-sized (elements).
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def _roi_max_chunked(x: torch.Tensor, regions: torch.Tensor, scales, levels: Levels,
-                     bin_dtype: torch.dtype):
-    """Max over the RoI partition on one feature map, in cache-sized chunks of RoIs: the
-    derivation of coarse levels makes several passes over the finest level's values, which is
-    only cheap while they stay in cache. Returns per-level (values [K, C*bh*bw], argmax)."""
+                     bin_dtype: torch.dtype, with_argmax: bool):
+    """Max over the RoI partition on one feature map. Returns per level
+    ``(values [K, C*bh*bw], argmax [K, C*bh*bw] or None)``.
+
+    With ``with_argmax`` (a gradient will be needed) every level is one torchvision call, whose
+    argmax comes for free. Without, coarse nested levels are derived from finer ones, in
+    cache-sized chunks of RoIs (the derivation makes a few passes over the finest values).
+    """
     k, c = regions.shape[0], x.shape[1]
-    finest = max(bh * bw for bh, bw in levels)
-    step = max(1, _CHUNK_ELEMENTS // max(1, c * finest))
     x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
     has_nan = bool(x32.isnan().any())
-    if k <= step:
-        return _roi_max_single(x32, regions, scales, levels, bin_dtype, has_nan, x.dtype)
+    finest = max(bh * bw for bh, bw in levels)
+    step = k if with_argmax else max(1, _CHUNK_ELEMENTS // max(1, c * finest))
     parts = [_roi_max_single(x32, regions[i:i + step], scales[i:i + step], levels, bin_dtype,
-                             has_nan, x.dtype) for i in range(0, k, step)]
-    return [(torch.cat([p[j][0] for p in parts]), torch.cat([p[j][1] for p in parts]))
+                             has_nan, x.dtype, with_argmax) for i in range(0, max(k, 1), step)]
+    if len(parts) == 1:
+        return parts[0]
+    return [(torch.cat([p[j][0] for p in parts]),
+             torch.cat([p[j][1] for p in parts]) if with_argmax else None)
             for j in range(len(levels))]
 
 
 def _roi_max_single(x32: torch.Tensor, regions: torch.Tensor, scales, levels: Levels,
-                    bin_dtype: torch.dtype, has_nan: bool, out_dtype: torch.dtype):
+                    bin_dtype: torch.dtype, has_nan: bool, out_dtype: torch.dtype,
+                    with_argmax: bool):
     """Max over the RoI partition on one (float32/float64) feature map."""
-    x = x32
-    n_img, c, height, width = x.shape
+    n_img, c, height, width = x32.shape
     k = regions.shape[0]
     x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
     # Quantised RoIs as exact floats with scale 1: torchvision then partitions exactly as bins.py.
@@ -156,7 +155,15 @@ def _roi_max_single(x32: torch.Tensor, regions: torch.Tensor, scales, levels: Le
          (x0 + roi_w - 1).to(x32.dtype), (y0 + roi_h - 1).to(x32.dtype)], dim=1)
 
     results: list = [None] * len(levels)
-    plan = _root_plan(levels)
+    plan = [None] * len(levels) if with_argmax else _root_plan(levels)
+    edges: dict[tuple[int, int], tuple] = {}
+
+    def level_edges(bh, bw):  # clipped (row_lo, row_hi, col_lo, col_hi) of a level's bins
+        if (bh, bw) not in edges:
+            edges[(bh, bw)] = (*bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype),
+                               *bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype))
+        return edges[(bh, bw)]
+
     for i in sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1]):
         bh, bw = levels[i]
         src = plan[i]
@@ -166,29 +173,27 @@ def _roi_max_single(x32: torch.Tensor, regions: torch.Tensor, scales, levels: Le
         if levels[src] == (bh, bw):
             results[i] = results[src]
             continue
-        val, arg = _derive_max(*results[src], bh, bw)
+        fh, fw = levels[src]
+        f_rlo, f_rhi, f_clo, f_chi = level_edges(fh, fw)
+        val = _derive_max_values(results[src][0], f_rhi <= f_rlo, f_chi <= f_clo, bh, bw)
         # torchvision's float partition nests for the usual level sets but not always (e.g. 14
         # bins over some extents): re-pool directly the RoIs where the union differs.
-        fh, fw = levels[src]
-        ok = torch.ones(k, dtype=torch.bool, device=x.device)
-        for start, extent, n, f, size in ((y0, roi_h, bh, fh, height), (x0, roi_w, bw, fw, width)):
-            lo, hi = bins.roi_bin_edges(start, extent, n, size, bin_dtype)
-            flo, fhi = bins.roi_bin_edges(start, extent, f, size, bin_dtype)
-            r = f // n
-            ok &= (lo == flo[:, ::r]).all(1) & (hi == fhi[:, r - 1::r]).all(1)
+        rlo, rhi, clo, chi = level_edges(bh, bw)
+        r_h, r_w = fh // bh, fw // bw
+        ok = ((rlo == f_rlo[:, ::r_h]).all(1) & (rhi == f_rhi[:, r_h - 1::r_h]).all(1)
+              & (clo == f_clo[:, ::r_w]).all(1) & (chi == f_chi[:, r_w - 1::r_w]).all(1))
         if not bool(ok.all()):
             bad = ~ok
-            v2, a2 = _torchvision_max(x32, qrois[bad], bh, bw)
-            val[bad], arg[bad] = v2, a2
-        results[i] = (val, arg)
+            val[bad] = _torchvision_max(x32, qrois[bad], bh, bw)[0]
+        results[i] = (val, None)
 
     if has_nan:
-        _patch_nan_bins(x32, qrois, levels, results, bin_dtype, scales, regions)
-    return [(v.to(out_dtype).reshape(k, c * v.shape[2] * v.shape[3]), a.reshape(k, -1))
-            for v, a in results]
+        _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions)
+    return [(v.to(out_dtype).reshape(k, c * v.shape[2] * v.shape[3]),
+             a.reshape(k, -1) if with_argmax else None) for v, a in results]
 
 
-def _patch_nan_bins(x32, qrois, levels, results, bin_dtype, scales, regions):
+def _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions):
     """torchvision skips NaN; spp_triton propagates it. Pool a key that is positive exactly at NaNs
     and larger for earlier positions: a positive pooled key marks a NaN bin and locates its first
     NaN."""
@@ -198,13 +203,14 @@ def _patch_nan_bins(x32, qrois, levels, results, bin_dtype, scales, regions):
     # positions are exact below 2**24 pixels per plane (float32).
     flat = torch.arange(plane, device=x32.device, dtype=bin_dtype).view(1, 1, height, width)
     key = torch.where(x32.isnan(), plane - flat, torch.full_like(flat, -1.0))
-    key_levels = _roi_max_single(key, regions, scales, levels, bin_dtype, False, key.dtype)
+    key_levels = _roi_max_single(key, regions, scales, levels, bin_dtype, False, key.dtype, False)
     for i, (kv, _) in enumerate(key_levels):
         val, arg = results[i]
         kv = kv.view_as(val)
         has_nan = kv > 0
         results[i] = (val.masked_fill(has_nan, float("nan")),
-                      torch.where(has_nan, (plane - kv).to(torch.int32), arg))
+                      torch.where(has_nan, (plane - kv).to(torch.int32), arg)
+                      if arg is not None else None)
 
 
 # ----------------------------------------------------------------------------- max, adaptive
@@ -310,18 +316,19 @@ def pyramid_pool_forward(
     levels: Levels,
     mode: str,
     partition: str,
+    with_argmax: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pooling; returns ``(out [K, C*P], argmax [K, C*P] int32 or empty for avg)``."""
+    """Forward pooling; returns ``(out [K, C*P], argmax [K, C*P] int32)``; the argmax is an empty
+    tensor for avg, and for max when ``with_argmax`` is False (no gradient will be needed)."""
     x_first = features[0]
     k, c = regions.shape[0], x_first.shape[1]
     width_p = c * bins.pyramid_width(levels)
-    if k == 0 or len(features) > 1:
+    with_argmax = with_argmax and mode == "max"
+    argmax = torch.empty(0, dtype=torch.int32, device=x_first.device)
+    if k == 0 or len(features) > 1:  # (one map: a single concatenation below, no fill)
         out = x_first.new_zeros(k, width_p)
-        argmax = torch.full((k, width_p), -1, dtype=torch.int32, device=x_first.device)
-    else:
-        out = argmax = None  # filled by a single concatenation below
-    if mode == "avg":
-        argmax = torch.empty(0, dtype=torch.int32, device=x_first.device)
+        if with_argmax:
+            argmax = torch.full((k, width_p), -1, dtype=torch.int32, device=x_first.device)
     if k == 0:
         return out, argmax
     bin_dtype = bins.bin_dtype_for(x_first.dtype)
@@ -330,12 +337,13 @@ def pyramid_pool_forward(
         scales = (_scales_for(spatial_scales, f, reg.shape[0], x.device, bin_dtype)
                   if partition == "roi" else None)
         if mode == "avg":
-            vals, args = _avg_single(x, reg, scales, levels, partition, bin_dtype), []
+            vals, args = _avg_single(x, reg, scales, levels, partition, bin_dtype), None
         else:
-            pairs = (_roi_max_chunked(x, reg, scales, levels, bin_dtype) if partition == "roi"
-                     else _adaptive_max_single(x, reg, levels))
-            vals, args = [p[0] for p in pairs], [p[1] for p in pairs]
-        if sel is None:
+            pairs = (_roi_max_chunked(x, reg, scales, levels, bin_dtype, with_argmax)
+                     if partition == "roi" else _adaptive_max_single(x, reg, levels))
+            vals = [p[0] for p in pairs]
+            args = [p[1] for p in pairs] if with_argmax else None
+        if sel is None:  # one map: no zero-fill and copy, one concatenation
             return torch.cat(vals, dim=1), (torch.cat(args, dim=1) if args else argmax)
         out[sel] = torch.cat(vals, dim=1)
         if args:

@@ -194,6 +194,11 @@ def _flat(levels: Sequence[tuple[int, int]]) -> list[int]:
     return [v for pair in levels for v in pair]
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will want the max argmax (it is skipped in inference: less work)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 # ----------------------------------------------------------------------------- public API
 def spp_pool(
     input: torch.Tensor,
@@ -217,7 +222,7 @@ def spp_pool(
     pairs = _check_levels(levels)
     mode = _check_mode(mode)
     regions = _check_image_sizes(image_sizes, input)
-    out, _ = ops.spp_pool_op(input, regions, _flat(pairs), mode)
+    out, _ = ops.spp_pool_op(input, regions, _flat(pairs), mode, _needs_grad(input))
     return out
 
 
@@ -247,7 +252,7 @@ def roi_spp_pool(
     scale = _check_scale(spatial_scale)
     mode = _check_mode(mode)
     rois = _rois_from_boxes(boxes, input)
-    out, _ = ops.roi_spp_pool_op(input, rois, _flat(pairs), scale, mode)
+    out, _ = ops.roi_spp_pool_op(input, rois, _flat(pairs), scale, mode, _needs_grad(input))
     return out
 
 
@@ -268,7 +273,7 @@ def roi_pool(
     scale = _check_scale(spatial_scale)
     mode = _check_mode(mode)
     rois = _rois_from_boxes(boxes, input)
-    out, _ = ops.roi_spp_pool_op(input, rois, [oh, ow], scale, mode)
+    out, _ = ops.roi_spp_pool_op(input, rois, [oh, ow], scale, mode, _needs_grad(input))
     return out.view(rois.shape[0], input.shape[1], oh, ow)
 
 
@@ -325,5 +330,5 @@ def multilevel_roi_spp_pool(
         if bool(((feature_index < 0) | (feature_index >= len(features))).any()):
             raise ValueError(f"feature_index values must lie in [0, {len(features) - 1}]")
     out, _ = ops.multilevel_roi_spp_pool_op(list(features), rois, feature_index, scales,
-                                            _flat(pairs), mode)
+                                            _flat(pairs), mode, _needs_grad(*features))
     return out

@@ -54,18 +54,19 @@ def _implementation(device: torch.device, backward: bool = False):
     return cpu
 
 
-def _forward(features, regions, feature_index, scales, levels_hw, mode, partition):
+def _forward(features, regions, feature_index, scales, levels_hw, mode, partition, with_argmax):
     impl = _implementation(features[0].device)
     return impl.pyramid_pool_forward(
-        list(features), regions, feature_index, list(scales), _pairs(levels_hw), mode, partition
+        list(features), regions, feature_index, list(scales), _pairs(levels_hw), mode, partition,
+        with_argmax=with_argmax,
     )
 
 
-def _fake_forward(features, regions, levels_hw, mode):
+def _fake_forward(features, regions, levels_hw, mode, with_argmax):
     k = regions.shape[0]
     width = features[0].shape[1] * bins.pyramid_width(_pairs(levels_hw))
     out = features[0].new_empty((k, width))
-    if mode == "max":
+    if mode == "max" and with_argmax:
         argmax = features[0].new_empty((k, width), dtype=torch.int32)
     else:
         argmax = features[0].new_empty((0,), dtype=torch.int32)
@@ -75,15 +76,16 @@ def _fake_forward(features, regions, levels_hw, mode):
 # ----------------------------------------------------------------------------- forward ops
 @torch.library.custom_op(f"{_NS}::roi_spp_pool", mutates_args=())
 def roi_spp_pool_op(
-    input: torch.Tensor, rois: torch.Tensor, levels_hw: list[int], spatial_scale: float, mode: str
+    input: torch.Tensor, rois: torch.Tensor, levels_hw: list[int], spatial_scale: float, mode: str,
+    with_argmax: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     index = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
-    return _forward([input], rois, index, [spatial_scale], levels_hw, mode, "roi")
+    return _forward([input], rois, index, [spatial_scale], levels_hw, mode, "roi", with_argmax)
 
 
 @roi_spp_pool_op.register_fake
-def _(input, rois, levels_hw, spatial_scale, mode):
-    return _fake_forward([input], rois, levels_hw, mode)
+def _(input, rois, levels_hw, spatial_scale, mode, with_argmax=True):
+    return _fake_forward([input], rois, levels_hw, mode, with_argmax)
 
 
 @torch.library.custom_op(f"{_NS}::multilevel_roi_spp_pool", mutates_args=())
@@ -94,26 +96,29 @@ def multilevel_roi_spp_pool_op(
     spatial_scales: list[float],
     levels_hw: list[int],
     mode: str,
+    with_argmax: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(features, rois, feature_index, spatial_scales, levels_hw, mode, "roi")
+    return _forward(features, rois, feature_index, spatial_scales, levels_hw, mode, "roi",
+                    with_argmax)
 
 
 @multilevel_roi_spp_pool_op.register_fake
-def _(features, rois, feature_index, spatial_scales, levels_hw, mode):
-    return _fake_forward(features, rois, levels_hw, mode)
+def _(features, rois, feature_index, spatial_scales, levels_hw, mode, with_argmax=True):
+    return _fake_forward(features, rois, levels_hw, mode, with_argmax)
 
 
 @torch.library.custom_op(f"{_NS}::spp_pool", mutates_args=())
 def spp_pool_op(
-    input: torch.Tensor, regions: torch.Tensor, levels_hw: list[int], mode: str
+    input: torch.Tensor, regions: torch.Tensor, levels_hw: list[int], mode: str,
+    with_argmax: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     index = torch.zeros(regions.shape[0], dtype=torch.int64, device=regions.device)
-    return _forward([input], regions, index, [1.0], levels_hw, mode, "adaptive")
+    return _forward([input], regions, index, [1.0], levels_hw, mode, "adaptive", with_argmax)
 
 
 @spp_pool_op.register_fake
-def _(input, regions, levels_hw, mode):
-    return _fake_forward([input], regions, levels_hw, mode)
+def _(input, regions, levels_hw, mode, with_argmax=True):
+    return _fake_forward([input], regions, levels_hw, mode, with_argmax)
 
 
 # ----------------------------------------------------------------------------- backward op
@@ -162,6 +167,11 @@ def _save(ctx, features, regions, feature_index, scales, levels_hw, mode, partit
 
 def _run_backward(ctx, grad_out):
     regions, feature_index, argmax = ctx.saved_tensors
+    if ctx.mode == "max" and argmax.numel() == 0 and grad_out.numel() > 0:
+        raise RuntimeError(
+            "spp_triton: this max-pooling output was computed with with_argmax=False (no input "
+            "required grad at the time), so it cannot be differentiated"
+        )
     return pyramid_pool_backward_op(
         grad_out, ctx.feature_shapes, regions, feature_index, ctx.scales, ctx.levels_hw, ctx.mode,
         ctx.partition, argmax,
@@ -169,35 +179,35 @@ def _run_backward(ctx, grad_out):
 
 
 def _roi_setup(ctx, inputs, output):
-    input, rois, levels_hw, spatial_scale, mode = inputs
+    input, rois, levels_hw, spatial_scale, mode, _with_argmax = inputs
     index = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
     _save(ctx, [input], rois, index, [spatial_scale], levels_hw, mode, "roi", output[1])
 
 
 def _roi_backward(ctx, grad_out, _grad_argmax):
     (grad_input,) = _run_backward(ctx, grad_out)
-    return grad_input, None, None, None, None
+    return grad_input, None, None, None, None, None
 
 
 def _multi_setup(ctx, inputs, output):
-    features, rois, feature_index, spatial_scales, levels_hw, mode = inputs
+    features, rois, feature_index, spatial_scales, levels_hw, mode, _with_argmax = inputs
     _save(ctx, features, rois, feature_index, spatial_scales, levels_hw, mode, "roi", output[1])
 
 
 def _multi_backward(ctx, grad_out, _grad_argmax):
     grads = _run_backward(ctx, grad_out)
-    return list(grads), None, None, None, None, None
+    return list(grads), None, None, None, None, None, None
 
 
 def _spp_setup(ctx, inputs, output):
-    input, regions, levels_hw, mode = inputs
+    input, regions, levels_hw, mode, _with_argmax = inputs
     index = torch.zeros(regions.shape[0], dtype=torch.int64, device=regions.device)
     _save(ctx, [input], regions, index, [1.0], levels_hw, mode, "adaptive", output[1])
 
 
 def _spp_backward(ctx, grad_out, _grad_argmax):
     (grad_input,) = _run_backward(ctx, grad_out)
-    return grad_input, None, None, None
+    return grad_input, None, None, None, None
 
 
 roi_spp_pool_op.register_autograd(_roi_backward, setup_context=_roi_setup)

@@ -1,0 +1,52 @@
+"""detectron2 integration of spp_triton. Importing this package registers ``SPPROIHeads``.
+
+* :func:`add_spp_config` / :func:`validate_config`: the ``MODEL.SPP`` keys and their checks.
+* :class:`SPPROIPooler`, :class:`TritonROIPooler`: ``ROIPooler``-compatible box poolers that pool
+  every FPN level in one spp_triton call.
+* :class:`SPPROIHeads`: ``StandardROIHeads`` whose box pooler follows
+  ``MODEL.ROI_BOX_HEAD.POOLER_TYPE`` ("SPP", "TritonROIPool", or detectron2's own).
+* :class:`Trainer`, :func:`setup`, :func:`launch`: what ``tools/train_net.py`` runs.
+
+Importing it also registers the embedded datasets of :mod:`spp_triton.data`.
+"""
+
+from spp_triton.modeling.config import (
+    BOX_POOLER_TYPES,
+    SPP_MODES,
+    add_spp_config,
+    validate_config,
+    validate_datasets,
+)
+from spp_triton.modeling.poolers import SPPROIPooler, TritonROIPooler
+from spp_triton.modeling.roi_heads import SPPROIHeads, build_spp_box_pooler
+from spp_triton.modeling.train import (
+    FiniteCheckpointer,
+    Trainer,
+    fast_coco_eval_available,
+    launch,
+    register_datasets,
+    resolve_device,
+    setup,
+)
+
+# The embedded shapes datasets (shapes_train / shapes_val), so configs can name them.
+register_datasets()
+
+__all__ = [
+    "add_spp_config",
+    "validate_config",
+    "validate_datasets",
+    "BOX_POOLER_TYPES",
+    "SPP_MODES",
+    "SPPROIPooler",
+    "TritonROIPooler",
+    "SPPROIHeads",
+    "build_spp_box_pooler",
+    "Trainer",
+    "FiniteCheckpointer",
+    "setup",
+    "launch",
+    "register_datasets",
+    "resolve_device",
+    "fast_coco_eval_available",
+]
