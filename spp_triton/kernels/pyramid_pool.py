@@ -102,50 +102,19 @@ def _pick(fi, values, NUM_F: tl.constexpr):
 
 
 @triton.jit
-def _level_tables(
-    LH: tl.constexpr,
-    LW: tl.constexpr,
-    POFF: tl.constexpr,
-    WOFF: tl.constexpr,
-    NBINS: tl.constexpr,
-    NCOL: tl.constexpr,
-):
-    """Constant per-bin and per-column-bin tables of the level set (all int32 vectors).
-
-    Bin ``i`` (of ``NBINS``) belongs to the level ``l`` with ``POFF[l] <= i < POFF[l] + bh * bw``:
-    ``nh``/``ph`` (bins along h and this bin's row), ``nw``/``pw`` (same along w), ``loff``
-    (``POFF[l]``), ``lsize`` (``bh * bw``), ``jcol`` (its column bin, ``WOFF[l] + pw``), ``bin_ok``.
-    Column bin ``j`` (of ``NCOL``): ``cn``/``cp`` (bins along w, index), ``col_ok``.
-    """
+def _flat_bin_tables(LH: tl.constexpr, LW: tl.constexpr, POFF: tl.constexpr, NBINS: tl.constexpr):
+    """Per flat bin ``i`` (of ``NBINS``; ``POFF[l] <= i < POFF[l] + bh * bw`` for its level ``l``):
+    ``POFF[l]``, ``bh * bw`` of its level, and whether ``i`` is a bin at all (int32 / bool)."""
     i = tl.arange(0, NBINS)
-    j = tl.arange(0, NCOL)
-    nh = tl.full([NBINS], 1, tl.int32)
-    ph = tl.zeros([NBINS], tl.int32)
-    nw = tl.full([NBINS], 1, tl.int32)
-    pw = tl.zeros([NBINS], tl.int32)
     loff = tl.zeros([NBINS], tl.int32)
     lsize = tl.zeros([NBINS], tl.int32)
-    jcol = tl.zeros([NBINS], tl.int32)
     bin_ok = i < 0
-    cn = tl.full([NCOL], 1, tl.int32)
-    cp = tl.zeros([NCOL], tl.int32)
-    col_ok = j < 0
     for lv in tl.static_range(len(LH)):
         m = (i >= POFF[lv]) & (i < POFF[lv] + LH[lv] * LW[lv])
-        r = i - POFF[lv]
-        nh = tl.where(m, LH[lv], nh)
-        ph = tl.where(m, r // LW[lv], ph)
-        nw = tl.where(m, LW[lv], nw)
-        pw = tl.where(m, r % LW[lv], pw)
         loff = tl.where(m, POFF[lv], loff)
         lsize = tl.where(m, LH[lv] * LW[lv], lsize)
-        jcol = tl.where(m, WOFF[lv] + r % LW[lv], jcol)
         bin_ok = bin_ok | m
-        mc = (j >= WOFF[lv]) & (j < WOFF[lv] + LW[lv])
-        cn = tl.where(mc, LW[lv], cn)
-        cp = tl.where(mc, j - WOFF[lv], cp)
-        col_ok = col_ok | mc
-    return nh, ph, nw, pw, loff, lsize, jcol, bin_ok, cn, cp, col_ok
+    return loff, lsize, bin_ok
 
 
 @triton.jit
@@ -289,6 +258,7 @@ def _pyramid_pool_fwd_kernel(
     NUM_F: tl.constexpr,
     ROI: tl.constexpr,
     IS_MAX: tl.constexpr,
+    WITH_ARGMAX: tl.constexpr,
     BIN_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -404,7 +374,8 @@ def _pyramid_pool_fwd_kernel(
             other=0.0,
         )
         tl.store(out_ptr + dst, val.to(out_ptr.dtype.element_ty), mask=smask)
-        tl.store(argmax_ptr + dst, acc_i, mask=smask)
+        if WITH_ARGMAX:
+            tl.store(argmax_ptr + dst, acc_i, mask=smask)
     else:
         count = (rhi - rlo) * (chi - clo)[None, :]  # [NR, NCOL]; 0 for empty bins
         mean = _div(acc_s, tl.maximum(count, 1)[None, :, :], ACC_DTYPE)
@@ -440,7 +411,6 @@ def _pyramid_pool_bwd_max_kernel(
     POFF: tl.constexpr,
     WOFF: tl.constexpr,
     NBINS: tl.constexpr,
-    NCOL: tl.constexpr,
     NUM_F: tl.constexpr,
     ROI: tl.constexpr,
     BIN_DTYPE: tl.constexpr,
@@ -452,9 +422,7 @@ def _pyramid_pool_bwd_max_kernel(
     cmask = c < C
     c64 = c.to(tl.int64)
 
-    nh, ph, nw, pw, loff, lsize, jcol, bin_ok, cn, cp, col_ok = _level_tables(
-        LH, LW, POFF, WOFF, NBINS, NCOL
-    )
+    loff, lsize, bin_ok = _flat_bin_tables(LH, LW, POFF, NBINS)
     ok, fi, b, H, W, row0, rows, col0, cols = _region_header(
         k, reg_ptr, reg_s0, reg_s1, fidx_ptr, fidx_s0, N, XH, XW, XSCALE, NUM_F, ROI, BIN_DTYPE
     )
@@ -540,7 +508,7 @@ def _pyramid_pool_bwd_avg_kernel(
     for h in range(h_lo, h_hi):
         # Per column bin: the summed share of the slots whose rows contain h.
         row_on = ((rlo <= h) & (h < rhi))[None, :, :]
-        col_share = tl.sum(share, axis=1)  # [BLOCK_C, NCOL]
+        col_share = tl.sum(tl.where(row_on, share, 0.0), axis=1)  # [BLOCK_C, NCOL]
         row_ptr = plane + h * s_h  # s_h is int64
         for w0 in range(w_lo, w_hi, BLOCK_W):
             w = w0 + wr
@@ -647,7 +615,9 @@ def _device_ctx(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _forward_launch(features, regions, feature_index, spatial_scales, levels, mode, partition):
+def _forward_launch(
+    features, regions, feature_index, spatial_scales, levels, mode, partition, with_argmax=True
+):
     """``(grid, args, kwargs, out, argmax)`` of the forward launch (also used by compile tests)."""
     f0 = features[0]
     n, c = int(f0.shape[0]), int(f0.shape[1])
@@ -655,15 +625,16 @@ def _forward_launch(features, regions, feature_index, spatial_scales, levels, mo
     meta = _level_meta(levels)
     p = sum(bh * bw for bh, bw in levels)
     is_max = mode == "max"
+    with_argmax = with_argmax and is_max
     out = torch.empty((k, c * p), dtype=f0.dtype, device=f0.device)
-    argmax = torch.empty((k, c * p) if is_max else (0,), dtype=torch.int32, device=f0.device)
+    argmax = torch.empty((k, c * p) if with_argmax else (0,), dtype=torch.int32, device=f0.device)
     acc = _acc_dtype(f0.dtype)
     wide = acc == torch.float64
     block_c = _block_c(c, k, meta["NR"] * meta["NCOL"], wide)
     max_w = max(int(f.shape[3]) for f in features)
     args = (
         out,
-        argmax if is_max else out,
+        argmax if with_argmax else out,
         c * p,
         regions,
         int(regions.stride(0)),
@@ -680,6 +651,7 @@ def _forward_launch(features, regions, feature_index, spatial_scales, levels, mo
         NUM_F=len(features),
         ROI=partition == "roi",
         IS_MAX=is_max,
+        WITH_ARGMAX=with_argmax,
         BIN_DTYPE=_TL_DTYPE[acc],
         ACC_DTYPE=_TL_DTYPE[acc],
         BLOCK_C=block_c,
@@ -697,14 +669,16 @@ def pyramid_pool_forward(
     levels: list[tuple[int, int]],
     mode: str,
     partition: str,
+    with_argmax: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool every region at every level in one launch; see the module docstring.
 
-    Returns ``(out [K, C * P], argmax [K, C * P] int32)`` for max, ``(out, empty int32)`` for avg.
+    Returns ``(out [K, C * P], argmax [K, C * P] int32)`` for max, ``(out, empty int32)`` for avg
+    and for max with ``with_argmax=False`` (no gradient will be needed; argmax is not stored).
     No validation: the ops layer checks shapes, dtypes and devices.
     """
     grid, args, kwargs, out, argmax = _forward_launch(
-        features, regions, feature_index, spatial_scales, levels, mode, partition
+        features, regions, feature_index, spatial_scales, levels, mode, partition, with_argmax
     )
     if out.numel() > 0:
         with _device_ctx(out.device):
@@ -738,7 +712,7 @@ def _backward_launch(
     wide = acc == torch.float64
     is_max = mode == "max"
     block_c = _block_c(c, k, meta["NBINS"] if is_max else meta["NR"] * meta["NCOL"], wide)
-    bins_meta = ("NBINS", "NCOL") if is_max else ("NR", "NCOL")
+    bins_meta = ("NBINS",) if is_max else ("NR", "NCOL")
     kwargs = dict(
         **_strides(bufs, "G"),
         **_map_args(features, spatial_scales, partition),
