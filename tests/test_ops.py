@@ -335,3 +335,41 @@ def test_levels_accept_rectangular_pairs(gen):
     out = spp_triton.multilevel_roi_spp_pool([x], rois, torch.zeros(5, dtype=torch.long), [1.0],
                                              [(2, 3)])
     assert torch.equal(out, torchvision.ops.roi_pool(x, rois, (2, 3)).flatten(1))
+
+
+# ----------------------------------------------------------------------------- Triton interpreter
+@pytest.mark.usefixtures("triton_cpu")
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_public_api_through_triton_kernels_forward_and_backward(gen, mode):
+    """The same checks through the Triton kernels (Triton's interpreter on CPU)."""
+    x = torch.randn(2, 3, 9, 11, generator=gen, requires_grad=True)
+    rois = random_rois(gen, 12, 2, 36, 44)
+    levels = (1, 2, 3, 6)
+    g = torch.randn(12, 3 * 50, generator=gen)
+    out = spp_triton.roi_spp_pool(x, rois, levels, 0.25, mode)
+    ref_out = (tv_roi_spp(x, rois, levels, 0.25) if mode == "max"
+               else reference.roi_spp_pool_reference(x, rois, levels, 0.25, mode))
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    (ours,) = torch.autograd.grad(out, x, g)
+    (ref,) = torch.autograd.grad(ref_out, x, g)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    sizes = torch.tensor([[9, 11], [2, 3]])
+    spp = spp_triton.spp_pool(x, (1, 2, 4), mode, sizes)
+    torch.testing.assert_close(spp, reference.spp_pool_reference(x, (1, 2, 4), mode, sizes),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("triton_cpu")
+def test_triton_path_deterministic_flag_uses_torch_backward(gen):
+    x = torch.randn(1, 2, 8, 8, generator=gen, requires_grad=True)
+    rois = random_rois(gen, 30, 1, 32, 32)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = [torch.autograd.grad(spp_triton.roi_spp_pool(x, rois, (1, 2), 0.25).sum(), x)[0]
+                 for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert torch.equal(grads[0], grads[1])
+    (ref,) = torch.autograd.grad(tv_roi_spp(x, rois, (1, 2), 0.25).sum(), x)
+    torch.testing.assert_close(grads[0], ref)
