@@ -214,21 +214,31 @@ def _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions):
 
 
 # ----------------------------------------------------------------------------- max, adaptive
-def _adaptive_max_single(x: torch.Tensor, regions: torch.Tensor, levels: Levels):
+def _adaptive_max_single(x: torch.Tensor, regions: torch.Tensor, levels: Levels,
+                         with_argmax: bool):
+    """``F.adaptive_max_pool2d`` per level on each group of images sharing a valid size (one
+    group, and no copy, for an unpadded batch)."""
     k = regions.shape[0]
     n_img, c, height, width = x.shape
+    sizes = regions[:, 1:3]
+    groups = torch.unique(sizes, dim=0).tolist()
+    whole = (len(groups) == 1 and groups[0] == [height, width] and k == n_img
+             and torch.equal(_batch_index(regions), torch.arange(k, device=x.device)))
+    if whole:
+        pooled = [F.adaptive_max_pool2d(x, lv, return_indices=with_argmax) for lv in levels]
+        if not with_argmax:
+            return [(v.reshape(k, -1), None) for v in pooled]
+        return [(v.reshape(k, -1), idx.to(torch.int32).reshape(k, -1)) for v, idx in pooled]
     outs = [(x.new_zeros(k, c, bh, bw), torch.full((k, c, bh, bw), -1, dtype=torch.int32,
                                                    device=x.device)) for bh, bw in levels]
-    sizes = regions[:, 1:3]
-    for hw in torch.unique(sizes, dim=0).tolist():
-        h, w = hw
-        sel = (sizes == sizes.new_tensor(hw)).all(1)
+    for h, w in groups:
+        sel = (sizes == sizes.new_tensor([h, w])).all(1)
         crop = x[_batch_index(regions[sel])][:, :, :h, :w]
         for (bh, bw), (val, arg) in zip(levels, outs, strict=True):
             v, idx = F.adaptive_max_pool2d(crop, (bh, bw), return_indices=True)
             val[sel] = v
             arg[sel] = ((idx // w) * width + idx % w).to(torch.int32)
-    return [(v.reshape(k, -1), a.reshape(k, -1)) for v, a in outs]
+    return [(v.reshape(k, -1), a.reshape(k, -1) if with_argmax else None) for v, a in outs]
 
 
 # ----------------------------------------------------------------------------- avg (both)
@@ -340,7 +350,7 @@ def pyramid_pool_forward(
             vals, args = _avg_single(x, reg, scales, levels, partition, bin_dtype), None
         else:
             pairs = (_roi_max_chunked(x, reg, scales, levels, bin_dtype, with_argmax)
-                     if partition == "roi" else _adaptive_max_single(x, reg, levels))
+                     if partition == "roi" else _adaptive_max_single(x, reg, levels, with_argmax))
             vals = [p[0] for p in pairs]
             args = [p[1] for p in pairs] if with_argmax else None
         if sel is None:  # one map: no zero-fill and copy, one concatenation
