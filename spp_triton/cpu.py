@@ -94,24 +94,22 @@ def _derive_max_values(fine_val: torch.Tensor, fine_rows_empty: torch.Tensor,
     separably, columns then rows.
 
     A fine bin is empty (clipped away) iff its row range or its column range is, so emptiness is
-    known from the ``[K, fh]`` / ``[K, fw]`` edge masks without touching the values. Empty fine
-    bins hold 0 (torchvision), which must not beat negative maxima: for the few RoIs that have
-    any, they count as -inf; a coarse bin with only empty fine bins gives 0.
+    known from the ``[K, fh]`` / ``[K, fw]`` edge masks without reading the values. Empty fine bins
+    hold 0, which must not beat negative maxima: while reducing they are set to -inf in place (and
+    back to 0 after); a coarse bin with only empty fine bins gives 0.
     """
     k, c, fh, fw = fine_val.shape
     rh, rw = fh // bh, fw // bw
-    partial = fine_rows_empty.any(1) | fine_cols_empty.any(1)
-    v = fine_val
-    if bool(partial.any()):
+    any_empty = bool(fine_rows_empty.any() or fine_cols_empty.any())
+    if any_empty:
         fine_empty = fine_rows_empty[:, None, :, None] | fine_cols_empty[:, None, None, :]
-        v = fine_val.clone()
-        v[partial] = v[partial].masked_fill(fine_empty[partial], float("-inf"))
-    v = v.view(k, c, fh, bw, rw).amax(-1).view(k, c, bh, rh, bw).amax(3)
-    if bool(partial.any()):
+        fine_val.masked_fill_(fine_empty, float("-inf"))
+    v = fine_val.view(k, c, fh, bw, rw).amax(-1).view(k, c, bh, rh, bw).amax(3)
+    if any_empty:
+        fine_val.masked_fill_(fine_empty, 0.0)
         rows_empty = fine_rows_empty.view(k, bh, rh).all(2)
         cols_empty = fine_cols_empty.view(k, bw, rw).all(2)
-        coarse_empty = rows_empty[:, None, :, None] | cols_empty[:, None, None, :]
-        v = v.masked_fill(coarse_empty, 0.0)
+        v.masked_fill_(rows_empty[:, None, :, None] | cols_empty[:, None, None, :], 0.0)
     return v
 
 
