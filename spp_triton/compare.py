@@ -124,24 +124,48 @@ def machine_description() -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- train
-def train(config: str, run_dir: Path, opts: Sequence[str], num_gpus: int = 1) -> float:
-    """Train (or resume) in a subprocess; returns the wall time of this invocation."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def _train_command(config: str, run_dir: Path, opts: Sequence[str], num_gpus: int) -> list[str]:
     resume = (run_dir / "last_checkpoint").is_file()
     cmd = [sys.executable, str(TRAIN_NET), "--config-file", config, "--num-gpus", str(num_gpus)]
     if resume:
         cmd.append("--resume")
     # The report evaluates with its own timing; an empty DATASETS.TEST (last, so that it wins over
     # the opts) skips the trainer's end-of-training evaluation, which would run inference twice.
-    cmd += [*opts, "OUTPUT_DIR", str(run_dir), "DATASETS.TEST", "()"]
-    _log(("resuming" if resume else "training") + f" {run_name(config)}: " + " ".join(cmd))
-    start = time.perf_counter()
+    return cmd + [*opts, "OUTPUT_DIR", str(run_dir), "DATASETS.TEST", "()"]
+
+
+def train_all(jobs: list[tuple[str, Path]], opts: Sequence[str], num_gpus: int = 1,
+              parallel: int = 1) -> dict[str, float]:
+    """Train (or resume) each ``(config, run_dir)`` in a ``tools/train_net.py`` subprocess, up to
+    ``parallel`` at a time; on CPU each gets ``cores // parallel`` threads. Returns wall times."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training {config} failed (exit {proc.returncode}); see "
-                           f"{run_dir / 'log.txt'}. Re-run to resume from its last checkpoint.")
-    return time.perf_counter() - start
+    if parallel > 1 and not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    pending, running, walls = list(jobs), [], {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            config, run_dir = pending.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cmd = _train_command(config, run_dir, opts, num_gpus)
+            _log(("resuming" if "--resume" in cmd else "training") + f" {run_name(config)}: "
+                 + " ".join(cmd))
+            running.append((config, run_dir, subprocess.Popen(cmd, cwd=REPO_ROOT, env=env),
+                            time.perf_counter()))
+        time.sleep(1.0)
+        for item in list(running):
+            config, run_dir, proc, start = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0:
+                for _, _, other, _ in running:
+                    other.terminate()
+                raise RuntimeError(
+                    f"training {config} failed (exit {proc.returncode}); see "
+                    f"{run_dir / 'log.txt'}. Re-run to resume from its last checkpoint.")
+            walls[config] = time.perf_counter() - start
+            _log(f"{run_name(config)}: training finished in {walls[config] / 60:.1f} min")
+    return walls
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -199,6 +223,11 @@ def _load_cfg(config: str, run_dir: Path, opts: Sequence[str]):
     resolve_device(cfg)
     cfg.freeze()
     return cfg
+
+
+def _training_cost(config: str, run_dir: Path, opts: Sequence[str]) -> float:
+    cfg = _load_cfg(config, run_dir, opts)
+    return cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH * cfg.INPUT.MIN_SIZE_TEST ** 2
 
 
 def evaluate(cfg, model) -> tuple[dict[str, float], float]:
@@ -326,33 +355,44 @@ def evaluate_and_measure(config: str, run_dir: Path, opts: Sequence[str]) -> dic
 
 
 def compare(configs: Sequence[str], output_dir: Path, opts: Sequence[str] = (),
-            num_gpus: int = 1) -> list[HeadResult]:
+            num_gpus: int = 1, parallel: int = 1) -> list[HeadResult]:
+    """Train what is not trained (``parallel`` runs at a time), then evaluate and measure each
+    head in turn (alone on the machine, so that the timings are comparable)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, config in enumerate(configs, 1):
+    for config in configs:
         if not Path(config).is_file():
             raise FileNotFoundError(f"config file not found: {config}")
-        name = run_name(config)
-        run_dir = output_dir / name
-        fp = fingerprint(config, opts)
-        cached = run_dir / "result.json"
-        if cached.is_file():
-            data = json.loads(cached.read_text())
-            if data.get("fingerprint") == fp:
-                _log(f"[{i}/{len(configs)}] {name}: finished run found, reusing {cached}")
-                results.append(HeadResult(**data))
+    cached: dict[str, HeadResult] = {}
+    to_train = []
+    for i, config in enumerate(configs, 1):
+        name, run_dir = run_name(config), output_dir / run_name(config)
+        result_file = run_dir / "result.json"
+        if result_file.is_file():
+            data = json.loads(result_file.read_text())
+            if data.get("fingerprint") == fingerprint(config, opts):
+                _log(f"[{i}/{len(configs)}] {name}: finished run found, reusing {result_file}")
+                cached[config] = HeadResult(**data)
                 continue
-        wall = None
         if not (run_dir / "model_final.pth").is_file():
-            wall = train(config, run_dir, opts, num_gpus)
+            to_train.append((config, run_dir))
+    # Longest first, so that parallel runs end together: cost ~ iterations x batch x pixels.
+    to_train.sort(key=lambda job: -_training_cost(job[0], job[1], opts))
+    walls = train_all(to_train, opts, num_gpus, parallel) if to_train else {}
+
+    results = []
+    for i, config in enumerate(configs, 1):
+        if config in cached:
+            results.append(cached[config])
+            continue
+        name, run_dir = run_name(config), output_dir / run_name(config)
         _log(f"[{i}/{len(configs)}] {name}: evaluating and measuring")
         m = evaluate_and_measure(config, run_dir, opts)
-        metrics = read_metrics(run_dir)
         result = HeadResult(
             name=name, config=config, pooler=m.pop("pooler"), ap=m.pop("ap"),
-            train_s_per_iter=train_seconds_per_iter(metrics), train_iters=m.pop("max_iter"),
-            train_wall_s=wall, fingerprint=fp, **m)
-        cached.write_text(json.dumps(result.__dict__, indent=2))
+            train_s_per_iter=train_seconds_per_iter(read_metrics(run_dir)),
+            train_iters=m.pop("max_iter"), train_wall_s=walls.get(config),
+            fingerprint=fingerprint(config, opts), **m)
+        (run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
         _log(f"[{i}/{len(configs)}] {name} done: AP {result.ap['AP']:.1f}, AP50 "
              f"{result.ap['AP50']:.1f}, train {result.train_s_per_iter or float('nan'):.3f} "
              f"s/iter, inference {result.infer_ms_per_image:.1f} ms/img")
