@@ -16,8 +16,10 @@ import contextlib
 import inspect
 import logging
 import os
+import random
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
@@ -147,13 +149,38 @@ def setup(args):
 # --------------------------------------------------------------------------------------------
 
 
+def rng_state() -> dict:
+    """Python, numpy and torch (CPU, and CUDA when present) random states, in types that
+    ``torch.load(weights_only=True)`` accepts (tensors, numbers, tuples)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                       float(cached)),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class FiniteCheckpointer(DetectionCheckpointer):
-    """A ``DetectionCheckpointer`` that refuses to write weights containing NaN/Inf.
+    """A ``DetectionCheckpointer`` that refuses to write weights containing NaN/Inf, and that
+    stores the random states with each checkpoint (so that a resumed run continues exactly).
 
     A diverging run then leaves the checkpoints (and ``last_checkpoint``) of its last good state.
     """
 
     def save(self, name: str, **kwargs) -> None:
+        kwargs.setdefault("rng", rng_state())
         bad = [
             k
             for k, v in self.model.state_dict().items()
@@ -203,6 +230,37 @@ class Trainer(DefaultTrainer):
             old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
         )
         return super().build_hooks()
+
+    # detectron2 v0.6's DefaultTrainer checkpoints neither the optimizer (momentum buffers) nor
+    # the grad scaler (its SimpleTrainer has them in state_dict, but DefaultTrainer does not
+    # forward to it; detectron2 main does). Forward when the installed version does not.
+    _FORWARDS_INNER_STATE = "state_dict" in vars(DefaultTrainer)
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if not self._FORWARDS_INNER_STATE:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if not self._FORWARDS_INNER_STATE and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def resume_or_load(self, resume: bool = True):
+        """detectron2's resume, made exact: a resumed run also replays the data loader to where
+        the checkpoint was taken (same batches, same augmentations) and restores the random
+        states saved with the checkpoint, so that it reaches the weights an uninterrupted run
+        reaches (bitwise on CPU with deterministic settings and ``DATALOADER.NUM_WORKERS 0``)."""
+        checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
+            data = self._trainer._data_loader_iter  # an attribute on v0.6, a property on main
+            for _ in range(self.start_iter):
+                next(data)
+            if checkpoint and "rng" in checkpoint:
+                set_rng_state(checkpoint["rng"])
+        return checkpoint
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
