@@ -37,36 +37,56 @@ def main() -> None:
     parser.add_argument("--rois", type=int, default=512)
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--min-run-time", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=7,
-                        help="alternating rounds; the ratio is the median of per-round ratios")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=7,
+        help="alternating rounds; the ratio is the median of per-round ratios",
+    )
     args = parser.parse_args()
     x, boxes = make_case(args.rois, args.channels, 50, 68)
     scale = 1 / 16
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, "
-          f"torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, "
+        f"torch threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
     print(f"case: {args.rois} RoIs x {args.channels} ch x 50x68 map, fp32, forward")
-    print(f"timing: {args.rounds} alternating rounds of torch.utils.benchmark blocked_autorange "
-          f"(min {args.min_run_time} s each); medians; ratio = median of per-round ratios")
+    print(
+        f"timing: {args.rounds} alternating rounds of torch.utils.benchmark blocked_autorange "
+        f"(min {args.min_run_time} s each); medians; ratio = median of per-round ratios"
+    )
     print("| levels | spp_triton (ms) | torchvision per level + cat (ms) | ratio |")
     print("|---|---|---|---|")
     for levels in ([1, 2, 4], [1, 2, 3, 6]):
         ours = spp_triton.roi_spp_pool(x, boxes, levels, scale)
-        ref = torch.cat([torchvision.ops.roi_pool(x, boxes, n, scale).flatten(1) for n in levels], 1)
+        ref = torch.cat(
+            [torchvision.ops.roi_pool(x, boxes, n, scale).flatten(1) for n in levels], 1
+        )
         assert torch.equal(ours, ref), "outputs differ: not timing"
-        env = {"x": x, "b": boxes, "s": scale, "L": levels, "spp_triton": spp_triton,
-               "torch": torch, "torchvision": torchvision}
+        env = {
+            "x": x,
+            "b": boxes,
+            "s": scale,
+            "L": levels,
+            "spp_triton": spp_triton,
+            "torch": torch,
+            "torchvision": torchvision,
+        }
         ours_timer = tb.Timer("spp_triton.roi_spp_pool(x, b, L, s)", globals=env)
         ref_timer = tb.Timer(
             "torch.cat([torchvision.ops.roi_pool(x, b, n, s).flatten(1) for n in L], 1)",
-            globals=env)
+            globals=env,
+        )
         # Alternate the two so that a change in machine load hits both alike.
         t_ours, t_ref = [], []
         for _ in range(args.rounds):
             t_ours.append(ours_timer.blocked_autorange(min_run_time=args.min_run_time).median)
             t_ref.append(ref_timer.blocked_autorange(min_run_time=args.min_run_time).median)
         ratio = statistics.median(a / b for a, b in zip(t_ours, t_ref, strict=True))
-        print(f"| {levels} | {statistics.median(t_ours) * 1e3:.2f} | "
-              f"{statistics.median(t_ref) * 1e3:.2f} | {ratio:.2f} |")
+        print(
+            f"| {levels} | {statistics.median(t_ours) * 1e3:.2f} | "
+            f"{statistics.median(t_ref) * 1e3:.2f} | {ratio:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ Two partitions exist:
   ``[floor(p * b), ceil((p + 1) * b))`` offset by the RoI start, where ``b = extent / n`` is
   computed in the *bin dtype* (float32, or float64 for float64 inputs, as torchvision does), then
   clipped to the map. Empty after clipping -> the bin pools nothing (max and avg give 0).
-* **Adaptive partition** (``spp_pool``): ``F.adaptive_*_pool2d``'s integer floor/ceil partition
-  of a region of ``size`` pixels into ``n`` bins: ``[floor(p * size / n), ceil((p + 1) * size / n))``.
+* **Adaptive partition** (``spp_pool``): ``F.adaptive_*_pool2d``'s integer floor/ceil
+  partition of a region of ``size`` pixels into ``n`` bins:
+  ``[floor(p * size / n), ceil((p + 1) * size / n))``.
   Never empty for ``size >= 1``; bins overlap when ``size < n``.
 
 Quantised RoI corners are clamped to ``[-COORD_LIMIT, COORD_LIMIT]`` feature pixels so that every
@@ -91,8 +92,10 @@ def adaptive_bin_edges(size: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
 
 def normalize_levels(levels: Sequence[int] | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """Levels as ``(bins_h, bins_w)`` pairs. Assumes validated input (see ``ops``)."""
-    return [(int(v), int(v)) if not isinstance(v, (tuple, list)) else (int(v[0]), int(v[1]))
-            for v in levels]
+    return [
+        (int(v), int(v)) if not isinstance(v, (tuple, list)) else (int(v[0]), int(v[1]))
+        for v in levels
+    ]
 
 
 def pyramid_width(levels: Sequence[tuple[int, int]]) -> int:

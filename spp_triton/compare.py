@@ -85,8 +85,14 @@ def fingerprint(config: str, opts: Sequence[str]) -> str:
         seen.add(path)
         text = path.read_text()
         h.update(text.encode())
-        base = next((ln.split(":", 1)[1].strip().strip("\"'") for ln in text.splitlines()
-                     if ln.startswith("_BASE_:")), None)
+        base = next(
+            (
+                ln.split(":", 1)[1].strip().strip("\"'")
+                for ln in text.splitlines()
+                if ln.startswith("_BASE_:")
+            ),
+            None,
+        )
         path = (path.parent / base) if base else None
     h.update(json.dumps(list(opts)).encode())
     h.update(str(RESULT_VERSION).encode())
@@ -95,10 +101,19 @@ def fingerprint(config: str, opts: Sequence[str]) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return out + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -113,8 +128,11 @@ def machine_description() -> dict[str, str]:
             cpu = names[0]
     except OSError:
         pass
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f"CPU ({torch.get_num_threads()} threads)")
+    device = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
     return {
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {cpu}",
         "device": device,
@@ -134,8 +152,9 @@ def _train_command(config: str, run_dir: Path, opts: Sequence[str], num_gpus: in
     return cmd + [*opts, "OUTPUT_DIR", str(run_dir), "DATASETS.TEST", "()"]
 
 
-def train_all(jobs: list[tuple[str, Path]], opts: Sequence[str], num_gpus: int = 1,
-              parallel: int = 1) -> dict[str, float]:
+def train_all(
+    jobs: list[tuple[str, Path]], opts: Sequence[str], num_gpus: int = 1, parallel: int = 1
+) -> dict[str, float]:
     """Train (or resume) each ``(config, run_dir)`` in a ``tools/train_net.py`` subprocess, up to
     ``parallel`` at a time; on CPU each gets ``cores // parallel`` threads. Returns wall times."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -147,10 +166,19 @@ def train_all(jobs: list[tuple[str, Path]], opts: Sequence[str], num_gpus: int =
             config, run_dir = pending.pop(0)
             run_dir.mkdir(parents=True, exist_ok=True)
             cmd = _train_command(config, run_dir, opts, num_gpus)
-            _log(("resuming" if "--resume" in cmd else "training") + f" {run_name(config)}: "
-                 + " ".join(cmd))
-            running.append((config, run_dir, subprocess.Popen(cmd, cwd=REPO_ROOT, env=env),
-                            time.perf_counter()))
+            _log(
+                ("resuming" if "--resume" in cmd else "training")
+                + f" {run_name(config)}: "
+                + " ".join(cmd)
+            )
+            running.append(
+                (
+                    config,
+                    run_dir,
+                    subprocess.Popen(cmd, cwd=REPO_ROOT, env=env),
+                    time.perf_counter(),
+                )
+            )
         time.sleep(1.0)
         for item in list(running):
             config, run_dir, proc, start = item
@@ -162,7 +190,8 @@ def train_all(jobs: list[tuple[str, Path]], opts: Sequence[str], num_gpus: int =
                     other.terminate()
                 raise RuntimeError(
                     f"training {config} failed (exit {proc.returncode}); see "
-                    f"{run_dir / 'log.txt'}. Re-run to resume from its last checkpoint.")
+                    f"{run_dir / 'log.txt'}. Re-run to resume from its last checkpoint."
+                )
             walls[config] = time.perf_counter() - start
             _log(f"{run_name(config)}: training finished in {walls[config] / 60:.1f} min")
     return walls
@@ -183,7 +212,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_seconds_per_iter(metrics: list[dict]) -> float | None:
     """Median of detectron2's logged ``time`` (itself a 20-iteration median) after warm-up."""
-    times = [r["time"] for r in metrics if "time" in r and r.get("iteration", 0) >= TRAIN_WARMUP_ITERS]
+    times = [
+        r["time"] for r in metrics if "time" in r and r.get("iteration", 0) >= TRAIN_WARMUP_ITERS
+    ]
     if not times:
         times = [r["time"] for r in metrics if "time" in r]
     return statistics.median(times) if times else None
@@ -227,7 +258,7 @@ def _load_cfg(config: str, run_dir: Path, opts: Sequence[str]):
 
 def _training_cost(config: str, run_dir: Path, opts: Sequence[str]) -> float:
     cfg = _load_cfg(config, run_dir, opts)
-    return cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH * cfg.INPUT.MIN_SIZE_TEST ** 2
+    return cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH * cfg.INPUT.MIN_SIZE_TEST**2
 
 
 def evaluate(cfg, model) -> tuple[dict[str, float], float]:
@@ -294,7 +325,7 @@ class _PoolerAndHead(torch.nn.Module):
         from detectron2.structures import Boxes
 
         features = list(tensors[: self.num_features])
-        boxes = [Boxes(b) for b in tensors[self.num_features:]]
+        boxes = [Boxes(b) for b in tensors[self.num_features :]]
         return self.head(self.pooler(features, boxes))
 
 
@@ -350,12 +381,22 @@ def evaluate_and_measure(config: str, run_dir: Path, opts: Sequence[str]) -> dic
     model.eval()
     ap, infer_ms = evaluate(cfg, model)
     measures = measure_box_head(cfg, model)
-    return {"ap": ap, "infer_ms_per_image": infer_ms, "pooler": cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
-            "max_iter": cfg.SOLVER.MAX_ITER, **measures}
+    return {
+        "ap": ap,
+        "infer_ms_per_image": infer_ms,
+        "pooler": cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
+        "max_iter": cfg.SOLVER.MAX_ITER,
+        **measures,
+    }
 
 
-def compare(configs: Sequence[str], output_dir: Path, opts: Sequence[str] = (),
-            num_gpus: int = 1, parallel: int = 1) -> list[HeadResult]:
+def compare(
+    configs: Sequence[str],
+    output_dir: Path,
+    opts: Sequence[str] = (),
+    num_gpus: int = 1,
+    parallel: int = 1,
+) -> list[HeadResult]:
     """Train what is not trained (``parallel`` runs at a time), then evaluate and measure each
     head in turn (alone on the machine, so that the timings are comparable)."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -388,14 +429,22 @@ def compare(configs: Sequence[str], output_dir: Path, opts: Sequence[str] = (),
         _log(f"[{i}/{len(configs)}] {name}: evaluating and measuring")
         m = evaluate_and_measure(config, run_dir, opts)
         result = HeadResult(
-            name=name, config=config, pooler=m.pop("pooler"), ap=m.pop("ap"),
+            name=name,
+            config=config,
+            pooler=m.pop("pooler"),
+            ap=m.pop("ap"),
             train_s_per_iter=train_seconds_per_iter(read_metrics(run_dir)),
-            train_iters=m.pop("max_iter"), train_wall_s=walls.get(config),
-            fingerprint=fingerprint(config, opts), **m)
+            train_iters=m.pop("max_iter"),
+            train_wall_s=walls.get(config),
+            fingerprint=fingerprint(config, opts),
+            **m,
+        )
         (run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
-        _log(f"[{i}/{len(configs)}] {name} done: AP {result.ap['AP']:.1f}, AP50 "
-             f"{result.ap['AP50']:.1f}, train {result.train_s_per_iter or float('nan'):.3f} "
-             f"s/iter, inference {result.infer_ms_per_image:.1f} ms/img")
+        _log(
+            f"[{i}/{len(configs)}] {name} done: AP {result.ap['AP']:.1f}, AP50 "
+            f"{result.ap['AP50']:.1f}, train {result.train_s_per_iter or float('nan'):.3f} "
+            f"s/iter, inference {result.infer_ms_per_image:.1f} ms/img"
+        )
         results.append(result)
     return results
 
@@ -408,17 +457,21 @@ def _fmt(v, digits=1):
 
 
 def table_markdown(results: Sequence[HeadResult]) -> str:
-    head = ("| head | box pooler | AP | AP50 | AP75 | APs | APm | APl | train s/iter | "
-            "inference ms/img | pooler fwd ms | pooler fwd+bwd ms | RoIs | box-head params (M) | "
-            "box-head GFLOPs/img |")
+    head = (
+        "| head | box pooler | AP | AP50 | AP75 | APs | APm | APl | train s/iter | "
+        "inference ms/img | pooler fwd ms | pooler fwd+bwd ms | RoIs | box-head params (M) | "
+        "box-head GFLOPs/img |"
+    )
     sep = "|" + "---|" * 15
     rows = [head, sep]
     for r in results:
         rows.append(
-            f"| {r.name} | {r.pooler} | " + " | ".join(_fmt(r.ap.get(k)) for k in AP_KEYS)
+            f"| {r.name} | {r.pooler} | "
+            + " | ".join(_fmt(r.ap.get(k)) for k in AP_KEYS)
             + f" | {_fmt(r.train_s_per_iter, 3)} | {_fmt(r.infer_ms_per_image)} | "
             f"{_fmt(r.pooler_fwd_ms, 2)} | {_fmt(r.pooler_fwd_bwd_ms, 2)} | {r.pooler_rois} | "
-            f"{r.box_head_params / 1e6:.2f} | {_fmt(r.box_head_gflops, 3)} |")
+            f"{r.box_head_params / 1e6:.2f} | {_fmt(r.box_head_gflops, 3)} |"
+        )
     return "\n".join(rows)
 
 
@@ -471,8 +524,9 @@ def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
         if vals is None:
             xs = range(len(results))
             ax.bar([x - 0.2 for x in xs], [r.pooler_fwd_ms for r in results], 0.4, label="fwd")
-            ax.bar([x + 0.2 for x in xs], [r.pooler_fwd_bwd_ms for r in results], 0.4,
-                   label="fwd+bwd")
+            ax.bar(
+                [x + 0.2 for x in xs], [r.pooler_fwd_bwd_ms for r in results], 0.4, label="fwd+bwd"
+            )
             ax.legend(fontsize=8)
         else:
             ax.bar(range(len(results)), vals)
@@ -485,11 +539,15 @@ def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
     return written
 
 
-def write_report(results: Sequence[HeadResult], output_dir: Path, command: str,
-                 elapsed_s: float | None = None) -> dict:
+def write_report(
+    results: Sequence[HeadResult], output_dir: Path, command: str, elapsed_s: float | None = None
+) -> dict:
     info = machine_description()
-    info.update(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                commit=git_commit(), command=command)
+    info.update(
+        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        commit=git_commit(),
+        command=command,
+    )
     if elapsed_s is not None:
         info["elapsed_s"] = round(elapsed_s, 1)
     plots = write_plots(results, output_dir)

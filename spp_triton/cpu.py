@@ -51,13 +51,17 @@ def region_bin_edges(
     if partition == "roi":
         x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
         return [
-            (*bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype),
-             *bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype))
+            (
+                *bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype),
+                *bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype),
+            )
             for bh, bw in levels
         ]
     valid_h, valid_w = regions[:, 1], regions[:, 2]
-    return [(*bins.adaptive_bin_edges(valid_h, bh), *bins.adaptive_bin_edges(valid_w, bw))
-            for bh, bw in levels]
+    return [
+        (*bins.adaptive_bin_edges(valid_h, bh), *bins.adaptive_bin_edges(valid_w, bw))
+        for bh, bw in levels
+    ]
 
 
 def _batch_index(regions: torch.Tensor) -> torch.Tensor:
@@ -88,8 +92,13 @@ def _torchvision_max(x32: torch.Tensor, qrois: torch.Tensor, bh: int, bw: int):
     return out, arg.to(torch.int32)
 
 
-def _derive_max_values(fine_val: torch.Tensor, fine_rows_empty: torch.Tensor,
-                       fine_cols_empty: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
+def _derive_max_values(
+    fine_val: torch.Tensor,
+    fine_rows_empty: torch.Tensor,
+    fine_cols_empty: torch.Tensor,
+    bh: int,
+    bw: int,
+) -> torch.Tensor:
     """Coarse (bh, bw) maxima from fine bins grouped ``rh x rw`` (values only), reduced
     separably, columns then rows.
 
@@ -117,8 +126,14 @@ def _derive_max_values(fine_val: torch.Tensor, fine_rows_empty: torch.Tensor,
 _CHUNK_ELEMENTS = 1 << 22
 
 
-def _roi_max_chunked(x: torch.Tensor, regions: torch.Tensor, scales, levels: Levels,
-                     bin_dtype: torch.dtype, with_argmax: bool):
+def _roi_max_chunked(
+    x: torch.Tensor,
+    regions: torch.Tensor,
+    scales,
+    levels: Levels,
+    bin_dtype: torch.dtype,
+    with_argmax: bool,
+):
     """Max over the RoI partition on one feature map. Returns per level
     ``(values [K, C*bh*bw], argmax [K, C*bh*bw] or None)``.
 
@@ -131,26 +146,55 @@ def _roi_max_chunked(x: torch.Tensor, regions: torch.Tensor, scales, levels: Lev
     has_nan = bool(x32.isnan().any())
     finest = max(bh * bw for bh, bw in levels)
     step = k if with_argmax else max(1, _CHUNK_ELEMENTS // max(1, c * finest))
-    parts = [_roi_max_single(x32, regions[i:i + step], scales[i:i + step], levels, bin_dtype,
-                             has_nan, x.dtype, with_argmax) for i in range(0, max(k, 1), step)]
+    parts = [
+        _roi_max_single(
+            x32,
+            regions[i : i + step],
+            scales[i : i + step],
+            levels,
+            bin_dtype,
+            has_nan,
+            x.dtype,
+            with_argmax,
+        )
+        for i in range(0, max(k, 1), step)
+    ]
     if len(parts) == 1:
         return parts[0]
-    return [(torch.cat([p[j][0] for p in parts]),
-             torch.cat([p[j][1] for p in parts]) if with_argmax else None)
-            for j in range(len(levels))]
+    return [
+        (
+            torch.cat([p[j][0] for p in parts]),
+            torch.cat([p[j][1] for p in parts]) if with_argmax else None,
+        )
+        for j in range(len(levels))
+    ]
 
 
-def _roi_max_single(x32: torch.Tensor, regions: torch.Tensor, scales, levels: Levels,
-                    bin_dtype: torch.dtype, has_nan: bool, out_dtype: torch.dtype,
-                    with_argmax: bool):
+def _roi_max_single(
+    x32: torch.Tensor,
+    regions: torch.Tensor,
+    scales,
+    levels: Levels,
+    bin_dtype: torch.dtype,
+    has_nan: bool,
+    out_dtype: torch.dtype,
+    with_argmax: bool,
+):
     """Max over the RoI partition on one (float32/float64) feature map."""
     n_img, c, height, width = x32.shape
     k = regions.shape[0]
     x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
     # Quantised RoIs as exact floats with scale 1: torchvision then partitions exactly as bins.py.
     qrois = torch.stack(
-        [regions[:, 0].to(x32.dtype), x0.to(x32.dtype), y0.to(x32.dtype),
-         (x0 + roi_w - 1).to(x32.dtype), (y0 + roi_h - 1).to(x32.dtype)], dim=1)
+        [
+            regions[:, 0].to(x32.dtype),
+            x0.to(x32.dtype),
+            y0.to(x32.dtype),
+            (x0 + roi_w - 1).to(x32.dtype),
+            (y0 + roi_h - 1).to(x32.dtype),
+        ],
+        dim=1,
+    )
 
     results: list = [None] * len(levels)
     plan = [None] * len(levels) if with_argmax else _root_plan(levels)
@@ -158,8 +202,10 @@ def _roi_max_single(x32: torch.Tensor, regions: torch.Tensor, scales, levels: Le
 
     def level_edges(bh, bw):  # clipped (row_lo, row_hi, col_lo, col_hi) of a level's bins
         if (bh, bw) not in edges:
-            edges[(bh, bw)] = (*bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype),
-                               *bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype))
+            edges[(bh, bw)] = (
+                *bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype),
+                *bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype),
+            )
         return edges[(bh, bw)]
 
     for i in sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1]):
@@ -178,8 +224,12 @@ def _roi_max_single(x32: torch.Tensor, regions: torch.Tensor, scales, levels: Le
         # bins over some extents): re-pool directly the RoIs where the union differs.
         rlo, rhi, clo, chi = level_edges(bh, bw)
         r_h, r_w = fh // bh, fw // bw
-        ok = ((rlo == f_rlo[:, ::r_h]).all(1) & (rhi == f_rhi[:, r_h - 1::r_h]).all(1)
-              & (clo == f_clo[:, ::r_w]).all(1) & (chi == f_chi[:, r_w - 1::r_w]).all(1))
+        ok = (
+            (rlo == f_rlo[:, ::r_h]).all(1)
+            & (rhi == f_rhi[:, r_h - 1 :: r_h]).all(1)
+            & (clo == f_clo[:, ::r_w]).all(1)
+            & (chi == f_chi[:, r_w - 1 :: r_w]).all(1)
+        )
         if not bool(ok.all()):
             bad = ~ok
             val[bad] = _torchvision_max(x32, qrois[bad], bh, bw)[0]
@@ -187,8 +237,13 @@ def _roi_max_single(x32: torch.Tensor, regions: torch.Tensor, scales, levels: Le
 
     if has_nan:
         _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions)
-    return [(v.to(out_dtype).reshape(k, c * v.shape[2] * v.shape[3]),
-             a.reshape(k, -1) if with_argmax else None) for v, a in results]
+    return [
+        (
+            v.to(out_dtype).reshape(k, c * v.shape[2] * v.shape[3]),
+            a.reshape(k, -1) if with_argmax else None,
+        )
+        for v, a in results
+    ]
 
 
 def _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions):
@@ -206,29 +261,38 @@ def _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions):
         val, arg = results[i]
         kv = kv.view_as(val)
         has_nan = kv > 0
-        results[i] = (val.masked_fill(has_nan, float("nan")),
-                      torch.where(has_nan, (plane - kv).to(torch.int32), arg)
-                      if arg is not None else None)
+        results[i] = (
+            val.masked_fill(has_nan, float("nan")),
+            torch.where(has_nan, (plane - kv).to(torch.int32), arg) if arg is not None else None,
+        )
 
 
 # ----------------------------------------------------------------------------- max, adaptive
-def _adaptive_max_single(x: torch.Tensor, regions: torch.Tensor, levels: Levels,
-                         with_argmax: bool):
+def _adaptive_max_single(x: torch.Tensor, regions: torch.Tensor, levels: Levels, with_argmax: bool):
     """``F.adaptive_max_pool2d`` per level on each group of images sharing a valid size (one
     group, and no copy, for an unpadded batch)."""
     k = regions.shape[0]
     n_img, c, height, width = x.shape
     sizes = regions[:, 1:3]
     groups = torch.unique(sizes, dim=0).tolist()
-    whole = (len(groups) == 1 and groups[0] == [height, width] and k == n_img
-             and torch.equal(_batch_index(regions), torch.arange(k, device=x.device)))
+    whole = (
+        len(groups) == 1
+        and groups[0] == [height, width]
+        and k == n_img
+        and torch.equal(_batch_index(regions), torch.arange(k, device=x.device))
+    )
     if whole:
         pooled = [F.adaptive_max_pool2d(x, lv, return_indices=with_argmax) for lv in levels]
         if not with_argmax:
             return [(v.reshape(k, -1), None) for v in pooled]
         return [(v.reshape(k, -1), idx.to(torch.int32).reshape(k, -1)) for v, idx in pooled]
-    outs = [(x.new_zeros(k, c, bh, bw), torch.full((k, c, bh, bw), -1, dtype=torch.int32,
-                                                   device=x.device)) for bh, bw in levels]
+    outs = [
+        (
+            x.new_zeros(k, c, bh, bw),
+            torch.full((k, c, bh, bw), -1, dtype=torch.int32, device=x.device),
+        )
+        for bh, bw in levels
+    ]
     for h, w in groups:
         sel = (sizes == sizes.new_tensor([h, w])).all(1)
         crop = x[_batch_index(regions[sel])][:, :, :h, :w]
@@ -253,22 +317,28 @@ def _avg_single(x, regions, scales, levels, partition, bin_dtype):
     # A summed-area table would smear a NaN or inf over every later sum: tabulate the finite
     # values, and (only if there are any) count NaN, +inf and -inf per bin separately.
     sat = _summed_area_table(x if all_finite else torch.where(finite, x, torch.zeros_like(x)))
-    specials = None if all_finite else [
-        _summed_area_table(m) for m in (x.isnan(), x == float("inf"), x == float("-inf"))]
+    specials = (
+        None
+        if all_finite
+        else [_summed_area_table(m) for m in (x.isnan(), x == float("inf"), x == float("-inf"))]
+    )
     b = _batch_index(regions)[:, None, None]
     outs = []
     edges = region_bin_edges(regions, scales, height, width, levels, partition, bin_dtype)
     for r_lo, r_hi, c_lo, c_hi in edges:
-        def box_sum(table):
+
+        def box_sum(table, r_lo=r_lo, r_hi=r_hi, c_lo=c_lo, c_hi=c_hi):
             # advanced indices around a slice: each lookup is [K, bh, bw, C]
             def at(r, cc):
                 return table[b, :, r[:, :, None], cc[:, None, :]]
+
             return at(r_hi, c_hi) - at(r_lo, c_hi) - at(r_hi, c_lo) + at(r_lo, c_lo)
 
         total = box_sum(sat)
         count = ((r_hi - r_lo)[:, :, None] * (c_hi - c_lo)[:, None, :]).clamp(min=0)
-        mean = torch.where(count[..., None] > 0, total / count.clamp(min=1)[..., None],
-                           torch.zeros_like(total))
+        mean = torch.where(
+            count[..., None] > 0, total / count.clamp(min=1)[..., None], torch.zeros_like(total)
+        )
         if specials is not None:
             nan, pos, neg = (box_sum(t) > 0.5 for t in specials)
             mean = torch.where(pos, float("inf"), mean)
@@ -292,8 +362,12 @@ def _avg_backward_single(grad_levels, shape, regions, scales, levels, partition,
         share = share.masked_fill((count == 0)[:, None], 0.0)
         idx_b = b.view(k, 1, 1, 1).expand(k, c, bh, bw)
         idx_c = ch.view(1, c, 1, 1).expand(k, c, bh, bw)
-        for rows, cols, sign in ((r_lo, c_lo, 1.0), (r_lo, c_hi, -1.0),
-                                 (r_hi, c_lo, -1.0), (r_hi, c_hi, 1.0)):
+        for rows, cols, sign in (
+            (r_lo, c_lo, 1.0),
+            (r_lo, c_hi, -1.0),
+            (r_hi, c_lo, -1.0),
+            (r_hi, c_hi, 1.0),
+        ):
             idx_r = rows.view(k, 1, bh, 1).expand(k, c, bh, bw)
             idx_w = cols.view(k, 1, 1, bw).expand(k, c, bh, bw)
             diff.index_put_((idx_b, idx_c, idx_r, idx_w), sign * share, accumulate=True)
@@ -342,13 +416,19 @@ def pyramid_pool_forward(
     bin_dtype = bins.bin_dtype_for(x_first.dtype)
     for f, x, sel in _per_feature(features, feature_index):
         reg = regions if sel is None else regions[sel]
-        scales = (_scales_for(spatial_scales, f, reg.shape[0], x.device, bin_dtype)
-                  if partition == "roi" else None)
+        scales = (
+            _scales_for(spatial_scales, f, reg.shape[0], x.device, bin_dtype)
+            if partition == "roi"
+            else None
+        )
         if mode == "avg":
             vals, args = _avg_single(x, reg, scales, levels, partition, bin_dtype), None
         else:
-            pairs = (_roi_max_chunked(x, reg, scales, levels, bin_dtype, with_argmax)
-                     if partition == "roi" else _adaptive_max_single(x, reg, levels, with_argmax))
+            pairs = (
+                _roi_max_chunked(x, reg, scales, levels, bin_dtype, with_argmax)
+                if partition == "roi"
+                else _adaptive_max_single(x, reg, levels, with_argmax)
+            )
             vals = [p[0] for p in pairs]
             args = [p[1] for p in pairs] if with_argmax else None
         if sel is None:  # one map: no zero-fill and copy, one concatenation
@@ -385,15 +465,20 @@ def pyramid_pool_backward(
             grads.append(torch.zeros_like(x, memory_format=torch.contiguous_format))
             continue
         if mode == "avg":
-            scales = (_scales_for(spatial_scales, f, reg.shape[0], x.device, bin_dtype)
-                      if partition == "roi" else None)
-            grad = _avg_backward_single(list(g.split(sizes, dim=1)), x.shape, reg, scales,
-                                        levels, partition, bin_dtype)
+            scales = (
+                _scales_for(spatial_scales, f, reg.shape[0], x.device, bin_dtype)
+                if partition == "roi"
+                else None
+            )
+            grad = _avg_backward_single(
+                list(g.split(sizes, dim=1)), x.shape, reg, scales, levels, partition, bin_dtype
+            )
         else:
             a = argmax if sel is None else argmax[sel]
             plane = height * width
             channel_of_column = torch.cat(
-                [torch.arange(c, device=x.device).repeat_interleave(bh * bw) for bh, bw in levels])
+                [torch.arange(c, device=x.device).repeat_interleave(bh * bw) for bh, bw in levels]
+            )
             base = (_batch_index(reg)[:, None] * c + channel_of_column[None, :]) * plane
             hit = a >= 0
             flat_idx = (base + a.to(torch.int64))[hit]

@@ -41,9 +41,7 @@ def _check_input(input, name: str = "input") -> None:
     if input.ndim != 4:
         raise ValueError(f"{name} must be 4-D [N, C, H, W], got shape {tuple(input.shape)}")
     if input.dtype not in _DTYPES:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {input.dtype}"
-        )
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {input.dtype}")
     if input.shape[2] < 1 or input.shape[3] < 1:
         raise ValueError(f"{name} has an empty spatial size {tuple(input.shape[2:])}")
 
@@ -71,14 +69,18 @@ def _check_levels(levels, name: str = "levels") -> list[tuple[int, int]]:
         if isinstance(levels, torch.Tensor):
             levels = levels.tolist()
         else:
-            raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {levels!r}")
+            raise ValueError(
+                f"{name} must be a non-empty sequence of positive ints, got {levels!r}"
+            )
     if len(levels) == 0:
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, got an empty one")
     pairs = []
     for lv in levels:
         if isinstance(lv, (tuple, list)):
             if len(lv) != 2:
-                raise ValueError(f"{name}: a level is an int n or a pair (bins_h, bins_w), got {lv!r}")
+                raise ValueError(
+                    f"{name}: a level is an int n or a pair (bins_h, bins_w), got {lv!r}"
+                )
             pairs.append((_positive_int(lv[0], name), _positive_int(lv[1], name)))
         else:
             n = _positive_int(lv, name)
@@ -90,8 +92,10 @@ def _check_output_size(output_size) -> tuple[int, int]:
     if isinstance(output_size, (tuple, list)):
         if len(output_size) != 2:
             raise ValueError(f"output_size must be an int or (h, w), got {output_size!r}")
-        return (_positive_int(output_size[0], "output_size"),
-                _positive_int(output_size[1], "output_size"))
+        return (
+            _positive_int(output_size[0], "output_size"),
+            _positive_int(output_size[1], "output_size"),
+        )
     n = _positive_int(output_size, "output_size")
     return n, n
 
@@ -134,8 +138,11 @@ def _rois_from_boxes(boxes, input: torch.Tensor, name: str = "boxes") -> torch.T
                 raise TypeError(f"{name}[{i}] must be floating point, got {b.dtype}")
             b = b.to(device=input.device, dtype=bin_dtype)
             parts.append(torch.cat([torch.full_like(b[:, :1], i), b], dim=1))
-        rois = (torch.cat(parts, dim=0) if parts
-                else torch.zeros(0, 5, dtype=bin_dtype, device=input.device))
+        rois = (
+            torch.cat(parts, dim=0)
+            if parts
+            else torch.zeros(0, 5, dtype=bin_dtype, device=input.device)
+        )
     else:
         raise TypeError(
             f"{name} must be Tensor[K, 5] or a list of Tensor[L, 4], got {type(boxes).__name__}"
@@ -177,8 +184,12 @@ def _check_image_sizes(image_sizes, input: torch.Tensor) -> torch.Tensor:
             raise TypeError(f"image_sizes must be integers, got {sizes.dtype}")
         sizes = sizes.to(torch.int64)
         if sizes.device.type == "cpu" and not _compiling():
-            bad = (sizes[:, 0] < 1) | (sizes[:, 0] > height) | (sizes[:, 1] < 1) | (
-                sizes[:, 1] > width)
+            bad = (
+                (sizes[:, 0] < 1)
+                | (sizes[:, 0] > height)
+                | (sizes[:, 1] < 1)
+                | (sizes[:, 1] > width)
+            )
             if bool(bad.any()):
                 raise ValueError(
                     f"image_sizes must lie in [1, {height}] x [1, {width}] (the input's H x W), "
@@ -329,6 +340,7 @@ def multilevel_roi_spp_pool(
     if feature_index.device.type == "cpu" and not _compiling() and feature_index.numel():
         if bool(((feature_index < 0) | (feature_index >= len(features))).any()):
             raise ValueError(f"feature_index values must lie in [0, {len(features) - 1}]")
-    out, _ = ops.multilevel_roi_spp_pool_op(list(features), rois, feature_index, scales,
-                                            _flat(pairs), mode, _needs_grad(*features))
+    out, _ = ops.multilevel_roi_spp_pool_op(
+        list(features), rois, feature_index, scales, _flat(pairs), mode, _needs_grad(*features)
+    )
     return out

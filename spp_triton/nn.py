@@ -69,5 +69,7 @@ class RoIPool(nn.Module):
         return Fn.roi_pool(input, boxes, self.output_size, self.spatial_scale, self.mode)
 
     def extra_repr(self) -> str:
-        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
-                f"mode={self.mode!r}")
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"mode={self.mode!r}"
+        )

@@ -57,7 +57,13 @@ def _implementation(device: torch.device, backward: bool = False):
 def _forward(features, regions, feature_index, scales, levels_hw, mode, partition, with_argmax):
     impl = _implementation(features[0].device)
     return impl.pyramid_pool_forward(
-        list(features), regions, feature_index, list(scales), _pairs(levels_hw), mode, partition,
+        list(features),
+        regions,
+        feature_index,
+        list(scales),
+        _pairs(levels_hw),
+        mode,
+        partition,
         with_argmax=with_argmax,
     )
 
@@ -76,7 +82,11 @@ def _fake_forward(features, regions, levels_hw, mode, with_argmax):
 # ----------------------------------------------------------------------------- forward ops
 @torch.library.custom_op(f"{_NS}::roi_spp_pool", mutates_args=())
 def roi_spp_pool_op(
-    input: torch.Tensor, rois: torch.Tensor, levels_hw: list[int], spatial_scale: float, mode: str,
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    levels_hw: list[int],
+    spatial_scale: float,
+    mode: str,
     with_argmax: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     index = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
@@ -98,8 +108,9 @@ def multilevel_roi_spp_pool_op(
     mode: str,
     with_argmax: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(features, rois, feature_index, spatial_scales, levels_hw, mode, "roi",
-                    with_argmax)
+    return _forward(
+        features, rois, feature_index, spatial_scales, levels_hw, mode, "roi", with_argmax
+    )
 
 
 @multilevel_roi_spp_pool_op.register_fake
@@ -109,7 +120,10 @@ def _(features, rois, feature_index, spatial_scales, levels_hw, mode, with_argma
 
 @torch.library.custom_op(f"{_NS}::spp_pool", mutates_args=())
 def spp_pool_op(
-    input: torch.Tensor, regions: torch.Tensor, levels_hw: list[int], mode: str,
+    input: torch.Tensor,
+    regions: torch.Tensor,
+    levels_hw: list[int],
+    mode: str,
     with_argmax: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     index = torch.zeros(regions.shape[0], dtype=torch.int64, device=regions.device)
@@ -124,9 +138,10 @@ def _(input, regions, levels_hw, mode, with_argmax=True):
 # ----------------------------------------------------------------------------- backward op
 def _shells(grad: torch.Tensor, feature_shapes: Sequence[int]) -> list[torch.Tensor]:
     """Zero-stride stand-ins that carry each map's shape, dtype and device but no memory."""
-    shapes = [tuple(feature_shapes[i:i + 4]) for i in range(0, len(feature_shapes), 4)]
-    return [torch.empty_strided(s, (0, 0, 0, 0), dtype=grad.dtype, device=grad.device)
-            for s in shapes]
+    shapes = [tuple(feature_shapes[i : i + 4]) for i in range(0, len(feature_shapes), 4)]
+    return [
+        torch.empty_strided(s, (0, 0, 0, 0), dtype=grad.dtype, device=grad.device) for s in shapes
+    ]
 
 
 @torch.library.custom_op(f"{_NS}::pyramid_pool_backward", mutates_args=())
@@ -143,17 +158,27 @@ def pyramid_pool_backward_op(
 ) -> list[torch.Tensor]:
     impl = _implementation(grad.device, backward=True)
     grads = impl.pyramid_pool_backward(
-        grad.contiguous(), _shells(grad, feature_shapes), regions, feature_index, list(spatial_scales),
-        _pairs(levels_hw), mode, partition, argmax,
+        grad.contiguous(),
+        _shells(grad, feature_shapes),
+        regions,
+        feature_index,
+        list(spatial_scales),
+        _pairs(levels_hw),
+        mode,
+        partition,
+        argmax,
     )
     return [g.contiguous() for g in grads]
 
 
 @pyramid_pool_backward_op.register_fake
-def _(grad, feature_shapes, regions, feature_index, spatial_scales, levels_hw, mode, partition,
-      argmax):
-    return [torch.empty(s.shape, dtype=grad.dtype, device=grad.device)
-            for s in _shells(grad, feature_shapes)]
+def _(
+    grad, feature_shapes, regions, feature_index, spatial_scales, levels_hw, mode, partition, argmax
+):
+    return [
+        torch.empty(s.shape, dtype=grad.dtype, device=grad.device)
+        for s in _shells(grad, feature_shapes)
+    ]
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -162,7 +187,12 @@ def _save(ctx, features, regions, feature_index, scales, levels_hw, mode, partit
     # maps themselves are not kept alive for it.
     ctx.feature_shapes = [int(d) for f in features for d in f.shape]
     ctx.save_for_backward(regions, feature_index, argmax)
-    ctx.scales, ctx.levels_hw, ctx.mode, ctx.partition = list(scales), list(levels_hw), mode, partition
+    ctx.scales, ctx.levels_hw, ctx.mode, ctx.partition = (
+        list(scales),
+        list(levels_hw),
+        mode,
+        partition,
+    )
 
 
 def _run_backward(ctx, grad_out):
@@ -173,8 +203,15 @@ def _run_backward(ctx, grad_out):
             "required grad at the time), so it cannot be differentiated"
         )
     return pyramid_pool_backward_op(
-        grad_out, ctx.feature_shapes, regions, feature_index, ctx.scales, ctx.levels_hw, ctx.mode,
-        ctx.partition, argmax,
+        grad_out,
+        ctx.feature_shapes,
+        regions,
+        feature_index,
+        ctx.scales,
+        ctx.levels_hw,
+        ctx.mode,
+        ctx.partition,
+        argmax,
     )
 
 

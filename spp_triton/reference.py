@@ -53,7 +53,7 @@ def _pool_window(plane: torch.Tensor, h: tuple[int, int], w: tuple[int, int], mo
     """plane [C, H, W] -> [C]: max (NaN-propagating) or mean of the window; 0 if empty."""
     if h[1] <= h[0] or w[1] <= w[0]:
         return plane.new_zeros(plane.shape[0])
-    window = plane[:, h[0]:h[1], w[0]:w[1]]
+    window = plane[:, h[0] : h[1], w[0] : w[1]]
     if mode == "max":
         return window.amax(dim=(1, 2))
     acc = torch.float64 if plane.dtype == torch.float64 else torch.float32
@@ -90,12 +90,16 @@ def spp_pool_reference(input, levels: Sequence[int], mode: str, image_sizes=None
     pool = F.adaptive_max_pool2d if mode == "max" else F.adaptive_avg_pool2d
     rows = []
     for i in range(input.shape[0]):
-        h, w = (input.shape[2], input.shape[3]) if image_sizes is None else (
-            int(image_sizes[i][0]), int(image_sizes[i][1]))
+        h, w = (
+            (input.shape[2], input.shape[3])
+            if image_sizes is None
+            else (int(image_sizes[i][0]), int(image_sizes[i][1]))
+        )
         region = input[i, :, :h, :w]
         if mode == "avg" and input.dtype in (torch.float16, torch.bfloat16):
-            rows.append(torch.cat([pool(region.float(), n).flatten() for n in levels]).to(
-                input.dtype))
+            rows.append(
+                torch.cat([pool(region.float(), n).flatten() for n in levels]).to(input.dtype)
+            )
         else:
             rows.append(torch.cat([pool(region, n).flatten() for n in levels]))
     return torch.stack(rows)

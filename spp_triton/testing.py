@@ -60,7 +60,9 @@ def case_strategy():
         scale=st.sampled_from([1.0, 0.5, 0.25, 1 / 16, 0.3, 2.0]),
         layout=st.sampled_from(["contiguous", "channels_last", "strided"]),
         num_boxes=st.integers(0, 10),
-        box_kind=st.sampled_from(["mixed", "inside", "outside", "degenerate", "huge", "every_image"]),
+        box_kind=st.sampled_from(
+            ["mixed", "inside", "outside", "degenerate", "huge", "every_image"]
+        ),
         seed=st.integers(0, 2**31 - 1),
         nan=st.booleans(),
     )
@@ -94,13 +96,27 @@ def make_boxes(case: Case, gen: torch.Generator) -> torch.Tensor:
     elif kind == "inside":
         xy = torch.stack([u(0, img_w, k), u(0, img_h, k), u(0, img_w, k), u(0, img_h, k)], 1)
     else:
-        xy = torch.stack([u(-img_w / 2, img_w * 1.5, k), u(-img_h / 2, img_h * 1.5, k),
-                          u(-img_w / 2, img_w * 1.5, k), u(-img_h / 2, img_h * 1.5, k)], 1)
+        xy = torch.stack(
+            [
+                u(-img_w / 2, img_w * 1.5, k),
+                u(-img_h / 2, img_h * 1.5, k),
+                u(-img_w / 2, img_w * 1.5, k),
+                u(-img_h / 2, img_h * 1.5, k),
+            ],
+            1,
+        )
     if kind == "degenerate":
         xy[:, 2:] = xy[:, :2]
     elif kind != "mixed":  # ordered corners; "mixed" keeps inverted boxes
-        xy = torch.stack([torch.minimum(xy[:, 0], xy[:, 2]), torch.minimum(xy[:, 1], xy[:, 3]),
-                          torch.maximum(xy[:, 0], xy[:, 2]), torch.maximum(xy[:, 1], xy[:, 3])], 1)
+        xy = torch.stack(
+            [
+                torch.minimum(xy[:, 0], xy[:, 2]),
+                torch.minimum(xy[:, 1], xy[:, 3]),
+                torch.maximum(xy[:, 0], xy[:, 2]),
+                torch.maximum(xy[:, 1], xy[:, 3]),
+            ],
+            1,
+        )
     if kind == "every_image":
         batch = torch.arange(k, dtype=torch.float64) % case.n
     else:
@@ -111,16 +127,19 @@ def make_boxes(case: Case, gen: torch.Generator) -> torch.Tensor:
 
 def _assert_match(ours: torch.Tensor, ref: torch.Tensor, case: Case, what: str) -> None:
     if ours.shape != ref.shape or ours.dtype != ref.dtype:
-        raise AssertionError(f"{what}: shape/dtype {ours.shape} {ours.dtype} vs {ref.shape} "
-                             f"{ref.dtype} for {case}")
+        raise AssertionError(
+            f"{what}: shape/dtype {ours.shape} {ours.dtype} vs {ref.shape} {ref.dtype} for {case}"
+        )
     same_nan = torch.equal(ours.isnan(), ref.isnan())
     if case.mode == "max":
         ok = same_nan and torch.equal(ours.nan_to_num(0.0), ref.nan_to_num(0.0))
     else:
-        tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2,
-               torch.bfloat16: 2e-2}[case.dtype]
-        ok = same_nan and torch.allclose(ours.double().nan_to_num(0.0),
-                                         ref.double().nan_to_num(0.0), atol=tol, rtol=tol)
+        tol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}[
+            case.dtype
+        ]
+        ok = same_nan and torch.allclose(
+            ours.double().nan_to_num(0.0), ref.double().nan_to_num(0.0), atol=tol, rtol=tol
+        )
     if not ok:
         diff = (ours.double() - ref.double()).abs().nan_to_num(float("inf")).max().item()
         raise AssertionError(f"{what}: mismatch (max abs diff {diff}) for {case}")
@@ -131,11 +150,17 @@ def check_case(case: Case) -> None:
     gen = torch.Generator().manual_seed(case.seed)
     x = make_input(case, gen)
     if case.op == "spp_pool":
-        sizes = torch.stack([torch.randint(1, case.h + 1, (case.n,), generator=gen),
-                             torch.randint(1, case.w + 1, (case.n,), generator=gen)], 1)
+        sizes = torch.stack(
+            [
+                torch.randint(1, case.h + 1, (case.n,), generator=gen),
+                torch.randint(1, case.w + 1, (case.n,), generator=gen),
+            ],
+            1,
+        )
         ours = spp_triton.spp_pool(x, case.levels, case.mode, sizes)
-        _assert_match(ours, reference.spp_pool_reference(x, case.levels, case.mode, sizes), case,
-                      "spp_pool")
+        _assert_match(
+            ours, reference.spp_pool_reference(x, case.levels, case.mode, sizes), case, "spp_pool"
+        )
         return
     rois = make_boxes(case, gen)
     if case.op == "roi_pool":
@@ -143,8 +168,12 @@ def check_case(case: Case) -> None:
         ours = spp_triton.roi_pool(x, rois, n, case.scale, case.mode)
         ref = reference.roi_pool_reference(x, rois, n, case.scale, case.mode)
         _assert_match(ours, ref, case, "roi_pool")
-        if case.mode == "max" and case.dtype in (torch.float32, torch.float64) and not case.nan \
-                and case.box_kind != "huge":
+        if (
+            case.mode == "max"
+            and case.dtype in (torch.float32, torch.float64)
+            and not case.nan
+            and case.box_kind != "huge"
+        ):
             tv = torchvision.ops.roi_pool(x, rois.to(x.dtype), n, case.scale)
             _assert_match(ours, tv, case, "roi_pool vs torchvision")
         return
@@ -156,8 +185,9 @@ def check_case(case: Case) -> None:
     # multilevel: a second, coarser map at half the scale
     x2 = x[:, :, ::2, ::2]
     index = torch.randint(0, 2, (rois.shape[0],), generator=gen)
-    ours = spp_triton.multilevel_roi_spp_pool([x, x2], rois, index, [case.scale, case.scale / 2],
-                                              case.levels, case.mode)
+    ours = spp_triton.multilevel_roi_spp_pool(
+        [x, x2], rois, index, [case.scale, case.scale / 2], case.levels, case.mode
+    )
     ref = torch.zeros_like(ours)
     for f, (feat, s) in enumerate(((x, case.scale), (x2, case.scale / 2))):
         sel = index == f

@@ -15,9 +15,20 @@ from spp_triton import compare  # noqa: E402
 
 MINI = "shapes_val_first8"
 TINY_OPTS = [
-    "SOLVER.MAX_ITER", "4", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2",
-    "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.DETECTIONS_PER_IMAGE", "20",
-    "DATASETS.TEST", f"('{MINI}',)",
+    "SOLVER.MAX_ITER",
+    "4",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.WARMUP_ITERS",
+    "2",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "TEST.DETECTIONS_PER_IMAGE",
+    "20",
+    "DATASETS.TEST",
+    f"('{MINI}',)",
 ]
 
 
@@ -47,8 +58,15 @@ def test_tiny_comparison_writes_report_and_reuses_runs(tmp_path, mini_val, capsy
     assert r.infer_ms_per_image > 0
     assert r.train_s_per_iter is None or r.train_s_per_iter > 0
     md = (tmp_path / "report.md").read_text()
-    for needle in ("machine:", "device:", "date:", "git commit:", "command: `pytest tiny run`",
-                   "faster_rcnn_R_18_FPN_spp124", "ap.png"):
+    for needle in (
+        "machine:",
+        "device:",
+        "date:",
+        "git commit:",
+        "command: `pytest tiny run`",
+        "faster_rcnn_R_18_FPN_spp124",
+        "ap.png",
+    ):
         assert needle in md
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["heads"][0]["ap"] == r.ap and data == json.loads(json.dumps(payload))

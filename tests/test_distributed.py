@@ -34,8 +34,9 @@ class TinySPPDetector(nn.Module):
         p2 = torch.relu(self.trunk(images))
         p3 = torch.relu(self.down(p2))
         # rois' batch indices are local to this process's images
-        pooled = spp_triton.multilevel_roi_spp_pool([p2, p3], rois, feature_index, [0.5, 0.25],
-                                                    (1, 2, 4))
+        pooled = spp_triton.multilevel_roi_spp_pool(
+            [p2, p3], rois, feature_index, [0.5, 0.25], (1, 2, 4)
+        )
         return self.fc(pooled)
 
 
@@ -44,8 +45,15 @@ def global_batch():
     images = torch.randn(BATCH, 3, SIZE, SIZE, generator=g)
     per_image = 6
     xy = torch.rand(BATCH * per_image, 4, generator=g) * SIZE
-    boxes = torch.stack([xy[:, [0, 2]].min(1).values, xy[:, [1, 3]].min(1).values,
-                         xy[:, [0, 2]].max(1).values + 1, xy[:, [1, 3]].max(1).values + 1], 1)
+    boxes = torch.stack(
+        [
+            xy[:, [0, 2]].min(1).values,
+            xy[:, [1, 3]].min(1).values,
+            xy[:, [0, 2]].max(1).values + 1,
+            xy[:, [1, 3]].max(1).values + 1,
+        ],
+        1,
+    )
     image_of_box = torch.arange(BATCH).repeat_interleave(per_image)
     feature_index = torch.randint(0, 2, (BATCH * per_image,), generator=g)
     labels = torch.randint(0, 5, (BATCH * per_image,), generator=g)
@@ -69,8 +77,9 @@ def _worker(rank: int, world: int, port: int, out_path: str) -> None:
         per_rank = BATCH // world
         lo, hi = rank * per_rank, (rank + 1) * per_rank
         sel = (image_of_box >= lo) & (image_of_box < hi)
-        step_gradients(model, images[lo:hi], boxes[sel], image_of_box[sel], feature_index[sel],
-                       labels[sel], lo)
+        step_gradients(
+            model, images[lo:hi], boxes[sel], image_of_box[sel], feature_index[sel], labels[sel], lo
+        )
         if rank == 0:
             torch.save({n: p.grad for n, p in model.module.named_parameters()}, out_path)
     finally:

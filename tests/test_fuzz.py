@@ -15,8 +15,11 @@ from spp_triton.testing import case_strategy, check_case
 
 QUICK = int(os.environ.get("SPP_TRITON_FUZZ_EXAMPLES", "150"))
 INTERPRETED = int(os.environ.get("SPP_TRITON_FUZZ_INTERPRETED", "40"))
-COMMON = dict(deadline=None, derandomize=False,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+COMMON = dict(
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @settings(max_examples=QUICK, **COMMON)

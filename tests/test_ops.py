@@ -11,7 +11,6 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 
 import spp_triton
@@ -66,8 +65,9 @@ def test_roi_pool_max_scales_and_large_rois(gen, scale):
     x = torch.randn(1, 4, 40, 57, generator=gen)
     rois = random_rois(gen, 60, 1, 40 / scale, 57 / scale)
     for n in (7, 14):
-        assert torch.equal(spp_triton.roi_pool(x, rois, n, scale),
-                           torchvision.ops.roi_pool(x, rois, n, scale))
+        assert torch.equal(
+            spp_triton.roi_pool(x, rois, n, scale), torchvision.ops.roi_pool(x, rois, n, scale)
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -97,8 +97,10 @@ def test_reference_bins_agree_with_torchvision(gen):
     x = torch.randn(1, 2, 10, 10, generator=gen, dtype=torch.float64)
     rois = random_rois(gen, 30, 1, 40, 40, torch.float64)
     for n in (2, 7, 14):
-        assert torch.equal(reference.roi_pool_reference(x, rois, n, 0.25, "max"),
-                           torchvision.ops.roi_pool(x, rois, n, 0.25))
+        assert torch.equal(
+            reference.roi_pool_reference(x, rois, n, 0.25, "max"),
+            torchvision.ops.roi_pool(x, rois, n, 0.25),
+        )
 
 
 # ----------------------------------------------------------------------------- roi_spp_pool
@@ -110,8 +112,9 @@ def test_roi_spp_pool_equals_cat_of_roi_pool(gen, levels):
     assert ours.shape == (80, 5 * sum(n * n for n in levels))
     assert torch.equal(ours, tv_roi_spp(x, rois, levels, 0.25))
     avg = spp_triton.roi_spp_pool(x, rois, levels, 0.25, mode="avg")
-    cat = torch.cat([spp_triton.roi_pool(x, rois, n, 0.25, mode="avg").flatten(1)
-                     for n in levels], 1)
+    cat = torch.cat(
+        [spp_triton.roi_pool(x, rois, n, 0.25, mode="avg").flatten(1) for n in levels], 1
+    )
     assert torch.equal(avg, cat)
 
 
@@ -120,8 +123,9 @@ def test_roi_spp_pool_nesting_fallback_14_bins(gen):
     derived coarse levels must still equal direct pooling."""
     x = torch.randn(1, 2, 70, 70, generator=gen)
     extents = torch.tensor([57, 114, 121, 62, 10, 33], dtype=torch.float32)
-    rois = torch.stack([torch.zeros(6), torch.zeros(6), torch.zeros(6), extents - 1,
-                        extents - 1], 1)
+    rois = torch.stack(
+        [torch.zeros(6), torch.zeros(6), torch.zeros(6), extents - 1, extents - 1], 1
+    )
     levels = [1, 2, 7, 14]
     assert torch.equal(spp_triton.roi_spp_pool(x, rois, levels), tv_roi_spp(x, rois, levels, 1.0))
 
@@ -129,22 +133,30 @@ def test_roi_spp_pool_nesting_fallback_14_bins(gen):
 def test_boxes_as_list_equal_tensor_form(gen):
     x = torch.randn(2, 3, 8, 9, generator=gen)
     per_image = [random_rois(gen, 5, 1, 32, 36)[:, 1:], random_rois(gen, 0, 1, 32, 36)[:, 1:]]
-    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1)
-                      for i, b in enumerate(per_image)])
-    assert torch.equal(spp_triton.roi_spp_pool(x, per_image, (1, 2), 0.25),
-                       spp_triton.roi_spp_pool(x, rois, (1, 2), 0.25))
+    rois = torch.cat(
+        [torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(per_image)]
+    )
+    assert torch.equal(
+        spp_triton.roi_spp_pool(x, per_image, (1, 2), 0.25),
+        spp_triton.roi_spp_pool(x, rois, (1, 2), 0.25),
+    )
 
 
 def test_non_contiguous_and_channels_last_inputs(gen):
     base = torch.randn(2, 6, 12, 20, generator=gen)
     rois = random_rois(gen, 20, 2, 40, 40)
-    variants = [base[:, ::2, :, ::2], base.to(memory_format=torch.channels_last)[:, :, :, :10],
-                base.transpose(2, 3)]
+    variants = [
+        base[:, ::2, :, ::2],
+        base.to(memory_format=torch.channels_last)[:, :, :, :10],
+        base.transpose(2, 3),
+    ]
     for x in variants:
         assert not x.is_contiguous()
         for mode in ("max", "avg"):
-            assert torch.equal(spp_triton.roi_spp_pool(x, rois, (1, 2, 4), 0.3, mode),
-                               spp_triton.roi_spp_pool(x.contiguous(), rois, (1, 2, 4), 0.3, mode))
+            assert torch.equal(
+                spp_triton.roi_spp_pool(x, rois, (1, 2, 4), 0.3, mode),
+                spp_triton.roi_spp_pool(x.contiguous(), rois, (1, 2, 4), 0.3, mode),
+            )
 
 
 def test_empty_box_set_returns_empty(gen):
@@ -168,8 +180,9 @@ def test_spp_pool_matches_adaptive_pooling(gen, levels, mode):
     if mode == "max":
         assert torch.equal(ours, ref)
     full = spp_triton.spp_pool(x, levels, mode)
-    torch.testing.assert_close(full, reference.spp_pool_reference(x, levels, mode), atol=1e-6,
-                               rtol=1e-6)
+    torch.testing.assert_close(
+        full, reference.spp_pool_reference(x, levels, mode), atol=1e-6, rtol=1e-6
+    )
 
 
 def test_spp_pool_one_by_one_map_and_half(gen):
@@ -196,7 +209,8 @@ def test_gradcheck_float64(gen, mode):
     for fn in checks:
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6)
     multi = lambda a, b: spp_triton.multilevel_roi_spp_pool(  # noqa: E731
-        [a, b], rois, idx, [0.25, 0.125], (1, 2), mode)
+        [a, b], rois, idx, [0.25, 0.125], (1, 2), mode
+    )
     assert torch.autograd.gradcheck(multi, tuple(feats), eps=1e-6, atol=1e-6)
 
 
@@ -220,8 +234,11 @@ def test_gradients_equal_autograd_through_reference(gen, levels):
     for mode in ("max", "avg"):
         g = torch.randn(25, 3 * sum(n * n for n in levels), generator=gen)
         (ours,) = torch.autograd.grad(spp_triton.roi_spp_pool(x, rois, levels, 0.25, mode), x, g)
-        ref_out = (tv_roi_spp(x, rois, levels, 0.25) if mode == "max"
-                   else reference.roi_spp_pool_reference(x, rois, levels, 0.25, mode))
+        ref_out = (
+            tv_roi_spp(x, rois, levels, 0.25)
+            if mode == "max"
+            else reference.roi_spp_pool_reference(x, rois, levels, 0.25, mode)
+        )
         (ref,) = torch.autograd.grad(ref_out, x, g)
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
         g2 = torch.randn(2, 3 * sum(n * n for n in levels), generator=gen)
@@ -238,8 +255,12 @@ def test_deterministic_backward_is_bitwise_repeatable(gen):
     torch.use_deterministic_algorithms(True)
     try:
         for mode in ("max", "avg"):
-            runs = [torch.autograd.grad(spp_triton.roi_spp_pool(x, rois, (1, 2, 4), 0.25, mode),
-                                        x, g)[0] for _ in range(3)]
+            runs = [
+                torch.autograd.grad(spp_triton.roi_spp_pool(x, rois, (1, 2, 4), 0.25, mode), x, g)[
+                    0
+                ]
+                for _ in range(3)
+            ]
             assert all(torch.equal(runs[0], r) for r in runs[1:])
     finally:
         torch.use_deterministic_algorithms(prev)
@@ -281,13 +302,17 @@ def test_opcheck_cpu(gen):
     rois = random_rois(gen, 5, 2, 24, 28)
     regions = torch.tensor([[0, 6, 7], [1, 3, 2]])
     for mode in ("max", "avg"):
-        torch.library.opcheck(torch.ops.spp_triton.roi_spp_pool.default,
-                              (x, rois, [1, 1, 2, 2], 0.25, mode))
-        torch.library.opcheck(torch.ops.spp_triton.spp_pool.default, (x, regions, [1, 1, 2, 3], mode))
+        torch.library.opcheck(
+            torch.ops.spp_triton.roi_spp_pool.default, (x, rois, [1, 1, 2, 2], 0.25, mode)
+        )
+        torch.library.opcheck(
+            torch.ops.spp_triton.spp_pool.default, (x, regions, [1, 1, 2, 3], mode)
+        )
         feats = [x, torch.randn(2, 3, 3, 4, generator=gen, requires_grad=True)]
-        torch.library.opcheck(torch.ops.spp_triton.multilevel_roi_spp_pool.default,
-                              (feats, rois, torch.tensor([0, 1, 1, 0, 1]), [0.25, 0.125],
-                               [2, 2], mode))
+        torch.library.opcheck(
+            torch.ops.spp_triton.multilevel_roi_spp_pool.default,
+            (feats, rois, torch.tensor([0, 1, 1, 0, 1]), [0.25, 0.125], [2, 2], mode),
+        )
 
 
 def test_torch_compile_fullgraph_cpu(gen):
@@ -295,9 +320,11 @@ def test_torch_compile_fullgraph_cpu(gen):
     rois = random_rois(gen, 7, 2, 40, 48)
 
     def fn(t, r):
-        return (spp_triton.roi_spp_pool(t, r, (1, 2, 4), 0.25).sum(1)
-                + spp_triton.roi_pool(t, r, 3, 0.25, "avg").flatten(1).sum(1)
-                + spp_triton.spp_pool(t, (1, 2)).sum())
+        return (
+            spp_triton.roi_spp_pool(t, r, (1, 2, 4), 0.25).sum(1)
+            + spp_triton.roi_pool(t, r, 3, 0.25, "avg").flatten(1).sum(1)
+            + spp_triton.spp_pool(t, (1, 2)).sum()
+        )
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, rois), fn(x, rois))
@@ -307,13 +334,15 @@ def test_torch_compile_fullgraph_cpu(gen):
 def test_modules_wrap_functions(gen):
     x = torch.randn(2, 3, 9, 9, generator=gen)
     rois = random_rois(gen, 4, 2, 36, 36)
-    assert torch.equal(spp_triton.SpatialPyramidPool((1, 3), "avg")(x),
-                       spp_triton.spp_pool(x, (1, 3), "avg"))
+    assert torch.equal(
+        spp_triton.SpatialPyramidPool((1, 3), "avg")(x), spp_triton.spp_pool(x, (1, 3), "avg")
+    )
     m = spp_triton.RoISpatialPyramidPool((1, 2), 0.25)
     assert m.output_multiplier == 5 and "levels=[1, 2]" in repr(m)
     assert torch.equal(m(x, rois), spp_triton.roi_spp_pool(x, rois, (1, 2), 0.25))
-    assert torch.equal(spp_triton.RoIPool((2, 3), 0.25)(x, rois),
-                       torchvision.ops.RoIPool((2, 3), 0.25)(x, rois))
+    assert torch.equal(
+        spp_triton.RoIPool((2, 3), 0.25)(x, rois), torchvision.ops.RoIPool((2, 3), 0.25)(x, rois)
+    )
 
 
 def test_multilevel_equals_per_map_pooling(gen):
@@ -325,15 +354,17 @@ def test_multilevel_equals_per_map_pooling(gen):
         out = spp_triton.multilevel_roi_spp_pool(feats, rois, idx, scales, (1, 2, 4), mode)
         for f in range(3):
             sel = idx == f
-            assert torch.equal(out[sel], spp_triton.roi_spp_pool(feats[f], rois[sel], (1, 2, 4),
-                                                                 scales[f], mode))
+            assert torch.equal(
+                out[sel], spp_triton.roi_spp_pool(feats[f], rois[sel], (1, 2, 4), scales[f], mode)
+            )
 
 
 def test_levels_accept_rectangular_pairs(gen):
     x = torch.randn(1, 2, 9, 9, generator=gen)
     rois = random_rois(gen, 5, 1, 9, 9)
-    out = spp_triton.multilevel_roi_spp_pool([x], rois, torch.zeros(5, dtype=torch.long), [1.0],
-                                             [(2, 3)])
+    out = spp_triton.multilevel_roi_spp_pool(
+        [x], rois, torch.zeros(5, dtype=torch.long), [1.0], [(2, 3)]
+    )
     assert torch.equal(out, torchvision.ops.roi_pool(x, rois, (2, 3)).flatten(1))
 
 
@@ -347,16 +378,20 @@ def test_public_api_through_triton_kernels_forward_and_backward(gen, mode):
     levels = (1, 2, 3, 6)
     g = torch.randn(12, 3 * 50, generator=gen)
     out = spp_triton.roi_spp_pool(x, rois, levels, 0.25, mode)
-    ref_out = (tv_roi_spp(x, rois, levels, 0.25) if mode == "max"
-               else reference.roi_spp_pool_reference(x, rois, levels, 0.25, mode))
+    ref_out = (
+        tv_roi_spp(x, rois, levels, 0.25)
+        if mode == "max"
+        else reference.roi_spp_pool_reference(x, rois, levels, 0.25, mode)
+    )
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     (ours,) = torch.autograd.grad(out, x, g)
     (ref,) = torch.autograd.grad(ref_out, x, g)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     sizes = torch.tensor([[9, 11], [2, 3]])
     spp = spp_triton.spp_pool(x, (1, 2, 4), mode, sizes)
-    torch.testing.assert_close(spp, reference.spp_pool_reference(x, (1, 2, 4), mode, sizes),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        spp, reference.spp_pool_reference(x, (1, 2, 4), mode, sizes), atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.usefixtures("triton_cpu")
@@ -366,8 +401,10 @@ def test_triton_path_deterministic_flag_uses_torch_backward(gen):
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        grads = [torch.autograd.grad(spp_triton.roi_spp_pool(x, rois, (1, 2), 0.25).sum(), x)[0]
-                 for _ in range(2)]
+        grads = [
+            torch.autograd.grad(spp_triton.roi_spp_pool(x, rois, (1, 2), 0.25).sum(), x)[0]
+            for _ in range(2)
+        ]
     finally:
         torch.use_deterministic_algorithms(prev)
     assert torch.equal(grads[0], grads[1])

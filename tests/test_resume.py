@@ -33,9 +33,24 @@ class CrashAfter(HookBase):
 
 
 def _cfg(out_dir, resume=False):
-    opts = ["SOLVER.MAX_ITER", "6", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "2",
-            "SOLVER.CHECKPOINT_PERIOD", str(STOP_AFTER + 1), "DATALOADER.NUM_WORKERS", "0",
-            "DATASETS.TEST", "()", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(out_dir)]
+    opts = [
+        "SOLVER.MAX_ITER",
+        "6",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.WARMUP_ITERS",
+        "2",
+        "SOLVER.CHECKPOINT_PERIOD",
+        str(STOP_AFTER + 1),
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.DEVICE",
+        "cpu",
+        "OUTPUT_DIR",
+        str(out_dir),
+    ]
     argv = ["--config-file", CONFIG] + (["--resume"] if resume else []) + opts
     return setup(default_argument_parser().parse_args(argv))  # seeds RNGs from cfg.SEED
 

@@ -24,15 +24,25 @@ from spp_triton.compare import DEFAULT_CONFIGS, compare, write_report  # noqa: E
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, metavar="CONFIG",
-                        help="yacs config files, one per head (default: the four Shapes heads)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=DEFAULT_CONFIGS,
+        metavar="CONFIG",
+        help="yacs config files, one per head (default: the four Shapes heads)",
+    )
     parser.add_argument("--output-dir", default="output/compare_heads", type=Path)
     parser.add_argument("--num-gpus", type=int, default=1)
-    parser.add_argument("--parallel", type=int, default=None,
-                        help="trainings run at a time (default: 1 with a GPU; 2 on a CPU-only "
-                             "machine with >= 2 cores, one thread each)")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="KEY VALUE config overrides applied to every head")
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="trainings run at a time (default: 1 with a GPU; 2 on a CPU-only "
+        "machine with >= 2 cores, one thread each)",
+    )
+    parser.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides applied to every head"
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     parallel = args.parallel

@@ -29,8 +29,9 @@ def run(label: str, cases: int, backend: str, rng_seed: int | None) -> int:
     os.environ["SPP_TRITON_CPU_BACKEND"] = backend
     count = 0
 
-    @settings(max_examples=cases, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=cases, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(case=case_strategy())
     def fuzz(case):
         nonlocal count
@@ -45,16 +46,22 @@ def run(label: str, cases: int, backend: str, rng_seed: int | None) -> int:
     except Exception as exc:  # hypothesis re-raises the shrunk failure
         print(f"[fuzz] {label}: FAILED after {count} cases: {exc}", flush=True)
         return 1
-    print(f"[fuzz] {label}: {count} cases, 0 mismatches ({time.perf_counter() - start:.0f} s)",
-          flush=True)
+    print(
+        f"[fuzz] {label}: {count} cases, 0 mismatches ({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
     return 0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=10000)
-    parser.add_argument("--interpreted", type=int, default=200,
-                        help="cases through the Triton interpreter (0 to skip)")
+    parser.add_argument(
+        "--interpreted",
+        type=int,
+        default=200,
+        help="cases through the Triton interpreter (0 to skip)",
+    )
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args()
     failed = run("torch CPU path", args.cases, "torch", args.seed)

@@ -137,8 +137,14 @@ def sha256_of(path: Path) -> str:
 def download_sdist(dest: Path) -> Path:
     try:
         pip(
-            "download", "--no-deps", "--no-build-isolation", "--no-binary", ":all:",
-            f"{SDIST_NAME}=={SDIST_VERSION}", "-d", str(dest),
+            "download",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-binary",
+            ":all:",
+            f"{SDIST_NAME}=={SDIST_VERSION}",
+            "-d",
+            str(dest),
         )
     except subprocess.CalledProcessError as e:
         sys.exit(
@@ -176,8 +182,9 @@ def build_source_tree(sdist: Path, work: Path) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--force", action="store_true",
-                        help="install even if an importable detectron2 is present")
+    parser.add_argument(
+        "--force", action="store_true", help="install even if an importable detectron2 is present"
+    )
     args = parser.parse_args()
 
     if detectron2_works() and not args.force:
@@ -194,8 +201,13 @@ def main() -> int:
 
     importlib.invalidate_caches()
     check = subprocess.run(
-        [sys.executable, "-c", "import detectron2, detectron2.modeling; print(detectron2.__file__)"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import detectron2, detectron2.modeling; print(detectron2.__file__)",
+        ],
+        capture_output=True,
+        text=True,
     )
     if check.returncode != 0:
         sys.exit(f"[install_detectron2] ERROR: installed, but import fails:\n{check.stderr}")

@@ -153,10 +153,11 @@ def rng_state() -> dict:
     """Python, numpy and torch (CPU, and CUDA when present) random states, in types that
     ``torch.load(weights_only=True)`` accepts (tensors, numbers, tuples)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
-                       float(cached)),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
