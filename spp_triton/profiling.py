@@ -353,7 +353,9 @@ def _is_fake(*tensors) -> bool:
     )
 
 
-def _roi_formula(input, rois, levels_hw, spatial_scale, mode, out_val=None, **_):
+def _roi_formula(
+    input, rois, levels_hw, spatial_scale, mode, with_argmax=True, *, out_val=None, **_
+):
     levels = _pairs(levels_hw)
     if _is_fake(input, rois):
         return estimate_pool_ops(rois.shape[0], input.shape[1], levels, mode)
@@ -361,7 +363,16 @@ def _roi_formula(input, rois, levels_hw, spatial_scale, mode, out_val=None, **_)
 
 
 def _multi_formula(
-    features, rois, feature_index, spatial_scales, levels_hw, mode, out_val=None, **_
+    features,
+    rois,
+    feature_index,
+    spatial_scales,
+    levels_hw,
+    mode,
+    with_argmax=True,
+    *,
+    out_val=None,
+    **_,
 ):
     levels = _pairs(levels_hw)
     if _is_fake(*features, rois, feature_index):
@@ -371,7 +382,7 @@ def _multi_formula(
     )
 
 
-def _spp_formula(input, regions, levels_hw, mode, out_val=None, **_):
+def _spp_formula(input, regions, levels_hw, mode, with_argmax=True, *, out_val=None, **_):
     levels = _pairs(levels_hw)
     if _is_fake(input, regions):
         return estimate_spp_pool_ops(input.shape, levels, mode)
