@@ -2,7 +2,7 @@
 
 The data
 --------
-Every image (sides 144-176 px) holds 3-7 filled shapes of six classes, ``SHAPES_CLASSES`` =
+Every image (sides 120-136 px) holds 3-6 filled shapes of six classes, ``SHAPES_CLASSES`` =
 ellipse, rectangle, triangle, star, cross, hexagon (``NUM_SHAPES_CLASSES`` = 6), each randomly
 stretched, rotated and coloured (the colour says nothing about the class), at three scales picked
 by COCO's box-area thresholds (< 32^2 small, < 96^2 medium, else large, in absolute pixels), so
@@ -12,7 +12,7 @@ colour blobs, checkerboards or speckle, plus clutter that is not an object (line
 scribbles, dot sprays, spiky splats), pixel noise and occasional blur. Details of the renderer
 are in :mod:`spp_triton.data.shapes`.
 
-Splits: ``shapes_train`` (1500 images) and ``shapes_val`` (300 images), fixed seed 0. Each image
+Splits: ``shapes_train`` (1500 images) and ``shapes_val`` (200 images), fixed seed 0. Each image
 has its own random stream seeded from (seed, split, index), so the files are bit-for-bit
 reproducible and train and val never overlap.
 

@@ -89,27 +89,27 @@ class ShapesConfig:
 
     seed: int = 0
     num_train: int = 1500
-    num_val: int = 300
-    min_side: int = 144  # image width and height are drawn uniformly from [min_side, max_side]
-    max_side: int = 176
+    num_val: int = 200
+    min_side: int = 120  # image width and height are drawn uniformly from [min_side, max_side]
+    max_side: int = 136
     min_objects: int = 3  # objects per image, before placements that fail are dropped
-    max_objects: int = 7
+    max_objects: int = 6
     # Probability of each size bucket, and the box-area range (pixels) sampled log-uniformly.
-    p_small: float = 0.32
-    p_medium: float = 0.45
-    p_large: float = 0.23
-    small_area: tuple[float, float] = (16.0**2, SMALL_MAX_AREA)
+    p_small: float = 0.22
+    p_medium: float = 0.53
+    p_large: float = 0.25
+    small_area: tuple[float, float] = (18.0**2, SMALL_MAX_AREA)
     medium_area: tuple[float, float] = (SMALL_MAX_AREA, MEDIUM_MAX_AREA)
-    large_area: tuple[float, float] = (MEDIUM_MAX_AREA, 124.0**2)
+    large_area: tuple[float, float] = (MEDIUM_MAX_AREA, 112.0**2)
     max_large_per_image: int = 1
     # Difficulty knobs.
-    min_visible: float = 0.75  # an occluded object keeps at least this fraction of its pixels
-    min_contrast: float = 0.45  # RGB distance (0..sqrt 3) of an object's colour from under it
-    texture: float = 0.5  # scale of the background textures' amplitudes
-    clutter: tuple[int, int] = (1, 4)  # distractors under the objects (min, max)
-    clutter_over: tuple[int, int] = (0, 2)  # thin lines over everything (min, max)
-    noise: tuple[float, float] = (0.01, 0.03)  # Gaussian pixel noise sigma range ([0, 1] scale)
-    p_blur: float = 0.15
+    min_visible: float = 0.8  # an occluded object keeps at least this fraction of its pixels
+    min_contrast: float = 0.5  # RGB distance (0..sqrt 3) of an object's colour from under it
+    texture: float = 0.35  # scale of the background textures' amplitudes
+    clutter: tuple[int, int] = (0, 2)  # distractors under the objects (min, max)
+    clutter_over: tuple[int, int] = (0, 1)  # thin lines over everything (min, max)
+    noise: tuple[float, float] = (0.005, 0.02)  # Gaussian pixel noise sigma range ([0, 1] scale)
+    p_blur: float = 0.1
 
     def __post_init__(self) -> None:
         if self.num_train < 0 or self.num_val < 0:
