@@ -7,7 +7,7 @@ ellipse, rectangle, triangle, star, cross, hexagon (``NUM_SHAPES_CLASSES`` = 6),
 stretched, rotated and coloured (the colour says nothing about the class), at three scales picked
 by COCO's box-area thresholds (< 32^2 small, < 96^2 medium, else large, in absolute pixels), so
 APs, APm and APl are all measured. Smaller shapes may partly occlude larger ones (each keeps at
-least 75% of its pixels; boxes cover the visible part). Backgrounds are gradients with stripes,
+least 80% of its pixels; boxes cover the visible part). Backgrounds are gradients with stripes,
 colour blobs, checkerboards or speckle, plus clutter that is not an object (lines, curves,
 scribbles, dot sprays, spiky splats), pixel noise and occasional blur. Details of the renderer
 are in :mod:`spp_triton.data.shapes`.
