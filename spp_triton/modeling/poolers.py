@@ -24,6 +24,7 @@ from detectron2.structures import Boxes
 from torch import nn
 
 import spp_triton
+from spp_triton.functional import _check_levels
 
 __all__ = ["SPPROIPooler", "TritonROIPooler", "normalize_levels"]
 
@@ -56,23 +57,9 @@ if _convert_boxes_to_pooler_format is None:  # pragma: no cover
 
 
 def normalize_levels(levels) -> tuple[tuple[int, int], ...]:
-    """``[1, 2, (3, 4)]`` -> ``((1, 1), (2, 2), (3, 4))``; raises ``ValueError`` if malformed."""
-    if isinstance(levels, int) or not isinstance(levels, Sequence) or len(levels) == 0:
-        raise ValueError(
-            f"levels must be a non-empty sequence of ints n or (bh, bw) pairs, got {levels!r}"
-        )
-    out = []
-    for v in levels:
-        pair = (v, v) if not isinstance(v, (tuple, list)) else tuple(v)
-        if len(pair) != 2 or not all(
-            isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in pair
-        ):
-            raise ValueError(
-                f"every level must be a positive int n or a pair (bh, bw) of "
-                f"positive ints, got {v!r} in {levels!r}"
-            )
-        out.append((int(pair[0]), int(pair[1])))
-    return tuple(out)
+    """``[1, 2, (3, 4)]`` -> ``((1, 1), (2, 2), (3, 4))``; raises ``ValueError`` if malformed
+    (the public API's own check, so poolers and ops accept exactly the same levels)."""
+    return tuple(_check_levels(levels))
 
 
 class _MultiLevelPoolerBase(nn.Module):
