@@ -26,6 +26,7 @@ row-major order; a bin with a NaN selects its first NaN.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -88,8 +89,14 @@ def _root_plan(levels: Levels) -> list[int | None]:
 
 
 def _torchvision_max(x32: torch.Tensor, qrois: torch.Tensor, bh: int, bw: int):
+    """torchvision's ``roi_pool`` of quantised RoIs: ``(values, int32 argmax)``."""
     out, arg = torch.ops.torchvision.roi_pool(x32, qrois, 1.0, bh, bw)
     return out, arg.to(torch.int32)
+
+
+def _torchvision_max_values(x32: torch.Tensor, qrois: torch.Tensor, bh: int, bw: int):
+    """The values alone (its int64 argmax is dropped at once, never converted)."""
+    return torch.ops.torchvision.roi_pool(x32, qrois, 1.0, bh, bw)[0]
 
 
 def _group_max(v: torch.Tensor, dim: int) -> torch.Tensor:
@@ -102,95 +109,72 @@ def _group_max(v: torch.Tensor, dim: int) -> torch.Tensor:
     return out if len(parts) > 1 else out.clone()
 
 
-def _derive_max_values(
-    fine_val: torch.Tensor,
-    fine_rows_empty: torch.Tensor,
-    fine_cols_empty: torch.Tensor,
-    bh: int,
-    bw: int,
-) -> torch.Tensor:
-    """Coarse (bh, bw) maxima from fine bins grouped ``rh x rw`` (values only), reduced
-    separably, columns then rows.
-
-    A fine bin is empty (clipped away) iff its row range or its column range is, so emptiness is
-    known from the ``[K, fh]`` / ``[K, fw]`` edge masks without reading the values. Empty fine bins
-    hold 0, which must not beat negative maxima: while reducing they are set to -inf in place (and
-    back to 0 after); a coarse bin with only empty fine bins gives 0.
-    """
+def _derive_max(fine_val: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
+    """Coarse ``(bh, bw)`` maxima of fine bins grouped ``rh x rw``, reduced separably: rows
+    first (whole contiguous fine rows at a time), then columns of the ``rh`` times smaller rest."""
     k, c, fh, fw = fine_val.shape
     rh, rw = fh // bh, fw // bw
-    any_empty = bool(fine_rows_empty.any() or fine_cols_empty.any())
-    if any_empty:
-        fine_empty = fine_rows_empty[:, None, :, None] | fine_cols_empty[:, None, None, :]
-        fine_val.masked_fill_(fine_empty, float("-inf"))
-    v = _group_max(_group_max(fine_val.view(k, c, fh, bw, rw), -1).view(k, c, bh, rh, bw), 3)
-    if any_empty:
-        fine_val.masked_fill_(fine_empty, 0.0)
-        rows_empty = fine_rows_empty.view(k, bh, rh).all(2)
-        cols_empty = fine_cols_empty.view(k, bw, rw).all(2)
-        v.masked_fill_(rows_empty[:, None, :, None] | cols_empty[:, None, None, :], 0.0)
-    return v
+    return _group_max(_group_max(fine_val.view(k, c, bh, rh, fw), 3).view(k, c, bh, bw, rw), -1)
 
 
-# RoIs are pooled in chunks whose finest-level values stay cache-sized (elements).
-_CHUNK_ELEMENTS = 1 << 22
+def _set_empty_bins(val: torch.Tensor, empty: torch.Tensor, fill: float) -> torch.Tensor:
+    """``val [R, C, bh, bw]`` with the bins that ``empty [R, bh, bw]`` marks set to ``fill``."""
+    return val.masked_fill(empty[:, None], fill)
 
 
-def _roi_max_chunked(
+def _has_nan(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds a NaN. A sum is one fast vectorised pass and is finite whenever every
+    element is (barring overflow); only otherwise is the exact elementwise test run."""
+    return not bool(torch.isfinite(x.sum())) and bool(x.isnan().any())
+
+
+def _roi_max(
     x: torch.Tensor,
     regions: torch.Tensor,
-    scales,
+    scales: torch.Tensor,
     levels: Levels,
     bin_dtype: torch.dtype,
     with_argmax: bool,
-):
-    """Max over the RoI partition on one feature map. Returns per level
-    ``(values [K, C*bh*bw], argmax [K, C*bh*bw] or None)``.
-
-    With ``with_argmax`` (a gradient will be needed) every level is one torchvision call, whose
-    argmax comes for free. Without, coarse nested levels are derived from finer ones, in
-    cache-sized chunks of RoIs (the derivation makes a few passes over the finest values).
-    """
-    k, c = regions.shape[0], x.shape[1]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Max over the RoI partition on one feature map (any float dtype; pooled in float32 or
+    float64). Returns ``(values [K, C*P], argmax [K, C*P] or None)``, levels concatenated."""
     x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    has_nan = bool(x32.isnan().any())
-    finest = max(bh * bw for bh, bw in levels)
-    step = k if with_argmax else max(1, _CHUNK_ELEMENTS // max(1, c * finest))
-    parts = [
-        _roi_max_single(
-            x32,
-            regions[i : i + step],
-            scales[i : i + step],
-            levels,
-            bin_dtype,
-            has_nan,
-            x.dtype,
-            with_argmax,
+    k, c = regions.shape[0], x.shape[1]
+    if not with_argmax:  # allocated before the temporaries: reuses memory freed last call
+        out = torch.empty(k, c * bins.pyramid_width(levels), dtype=x.dtype, device=x.device)
+    results = _roi_max_levels(x32, regions, scales, levels, bin_dtype, _has_nan(x32), with_argmax)
+    if with_argmax:
+        return (
+            torch.cat([v.reshape(k, -1) for v, _ in results], dim=1).to(x.dtype),
+            torch.cat([a.reshape(k, -1) for _, a in results], dim=1),
         )
-        for i in range(0, max(k, 1), step)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return [
-        (
-            torch.cat([p[j][0] for p in parts]),
-            torch.cat([p[j][1] for p in parts]) if with_argmax else None,
-        )
-        for j in range(len(levels))
-    ]
+    # One output, each level copied into its block (no concatenation of temporaries).
+    for (v, _), offset in zip(results, bins.level_offsets(levels, c), strict=True):
+        out[:, offset : offset + v[0].numel()].view_as(v).copy_(v)
+    return out, None
 
 
-def _roi_max_single(
+def _roi_max_levels(
     x32: torch.Tensor,
     regions: torch.Tensor,
-    scales,
+    scales: torch.Tensor,
     levels: Levels,
     bin_dtype: torch.dtype,
     has_nan: bool,
-    out_dtype: torch.dtype,
     with_argmax: bool,
-):
-    """Max over the RoI partition on one (float32/float64) feature map."""
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Max over the RoI partition on one float32/float64 map: per level ``(values [K, C, bh, bw],
+    int32 argmax of the same shape or None)``.
+
+    With ``with_argmax`` (a gradient will be needed) every level is one torchvision call, whose
+    argmax comes for free. Without, coarse nested levels are derived from finer ones.
+
+    Empty bins: torchvision gives 0 for a bin clipped away, which must not win when bins are
+    merged into a coarse bin whose other values are negative. Only RoIs reaching past the map
+    have empty bins (geometry says which, without reading values); for those rows (few) the
+    derivation is repeated on a copy whose empty bins hold -inf, and its result, with coarse
+    bins that are empty set back to 0, replaces theirs. A genuine -inf in the input is kept.
+    """
     n_img, c, height, width = x32.shape
     k = regions.shape[0]
     x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
@@ -205,55 +189,78 @@ def _roi_max_single(
         ],
         dim=1,
     )
+    if with_argmax:
+        results = [_torchvision_max(x32, qrois, bh, bw) for bh, bw in levels]
+        if has_nan:
+            _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions)
+        return results
 
-    results: list = [None] * len(levels)
-    plan = [None] * len(levels) if with_argmax else _root_plan(levels)
-    edges: dict[tuple[int, int], tuple] = {}
+    geometry: dict[tuple[int, int], tuple] = {}
+    for bh, bw in levels:  # clipped (row_lo, row_hi, col_lo, col_hi) and emptiness [K, bh, bw]
+        if (bh, bw) not in geometry:
+            rlo, rhi = bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype)
+            clo, chi = bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype)
+            empty = (rhi <= rlo)[:, :, None] | (chi <= clo)[:, None, :]
+            geometry[(bh, bw)] = (rlo, rhi, clo, chi, empty)
+    special = torch.zeros(k, dtype=torch.bool, device=x32.device)
+    for *_, empty in geometry.values():
+        special |= empty.flatten(1).any(1)
+    special_rows = special.nonzero().squeeze(1)
+    n_special = special_rows.numel()
+    # position of each RoI among the special rows (-1: not special)
+    special_pos = torch.full((k,), -1, dtype=torch.int64, device=x32.device)
+    special_pos[special_rows] = torch.arange(n_special, device=x32.device)
 
-    def level_edges(bh, bw):  # clipped (row_lo, row_hi, col_lo, col_hi) of a level's bins
-        if (bh, bw) not in edges:
-            edges[(bh, bw)] = (
-                *bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype),
-                *bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype),
-            )
-        return edges[(bh, bw)]
-
+    plan = _root_plan(levels)
+    vals: list = [None] * len(levels)
+    neg: list = [None] * len(levels)  # special rows, empty bins at -inf
     for i in sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1]):
         bh, bw = levels[i]
         src = plan[i]
+        empty = geometry[(bh, bw)][4]
         if src is None:
-            results[i] = _torchvision_max(x32, qrois, bh, bw)
+            vals[i] = _torchvision_max_values(x32, qrois, bh, bw)
+            if n_special:
+                neg[i] = _set_empty_bins(vals[i][special_rows], empty[special_rows], -math.inf)
             continue
         if levels[src] == (bh, bw):
-            results[i] = results[src]
+            vals[i], neg[i] = vals[src], neg[src]
             continue
-        fh, fw = levels[src]
-        f_rlo, f_rhi, f_clo, f_chi = level_edges(fh, fw)
-        val = _derive_max_values(results[src][0], f_rhi <= f_rlo, f_chi <= f_clo, bh, bw)
+        vals[i] = _derive_max(vals[src], bh, bw)
+        if n_special:
+            neg[i] = _derive_max(neg[src], bh, bw)
         # torchvision's float partition nests for the usual level sets but not always (e.g. 14
         # bins over some extents): re-pool directly the RoIs where the union differs.
-        rlo, rhi, clo, chi = level_edges(bh, bw)
+        fh, fw = levels[src]
+        f_rlo, f_rhi, f_clo, f_chi, _ = geometry[(fh, fw)]
+        rlo, rhi, clo, chi, _ = geometry[(bh, bw)]
         r_h, r_w = fh // bh, fw // bw
-        ok = (
+        nests = (
             (rlo == f_rlo[:, ::r_h]).all(1)
             & (rhi == f_rhi[:, r_h - 1 :: r_h]).all(1)
             & (clo == f_clo[:, ::r_w]).all(1)
             & (chi == f_chi[:, r_w - 1 :: r_w]).all(1)
         )
-        if not bool(ok.all()):
-            bad = ~ok
-            val[bad] = _torchvision_max(x32, qrois[bad], bh, bw)[0]
-        results[i] = (val, None)
+        if not bool(nests.all()):
+            bad = (~nests).nonzero().squeeze(1)
+            direct = _torchvision_max_values(x32, qrois[bad], bh, bw)
+            vals[i][bad] = direct
+            pos = special_pos[bad]
+            hit = pos >= 0
+            if bool(hit.any()):
+                neg[i][pos[hit]] = _set_empty_bins(direct[hit], empty[bad[hit]], -math.inf)
 
+    if n_special:  # special rows: the -inf derivation, empty coarse bins back to 0
+        done = set()
+        for i, src in enumerate(plan):
+            if src is not None and id(vals[i]) not in done:
+                done.add(id(vals[i]))
+                empty = geometry[levels[i]][4]
+                vals[i][special_rows] = _set_empty_bins(neg[i], empty[special_rows], 0.0)
+    results = [(v, None) for v in vals]
     if has_nan:
         _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions)
-    return [
-        (
-            v.to(out_dtype).reshape(k, c * v.shape[2] * v.shape[3]),
-            a.reshape(k, -1) if with_argmax else None,
-        )
-        for v, a in results
-    ]
+    return results
 
 
 def _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions):
@@ -266,10 +273,9 @@ def _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions):
     # positions are exact below 2**24 pixels per plane (float32).
     flat = torch.arange(plane, device=x32.device, dtype=bin_dtype).view(1, 1, height, width)
     key = torch.where(x32.isnan(), plane - flat, torch.full_like(flat, -1.0))
-    key_levels = _roi_max_single(key, regions, scales, levels, bin_dtype, False, key.dtype, False)
+    key_levels = _roi_max_levels(key, regions, scales, levels, bin_dtype, False, False)
     for i, (kv, _) in enumerate(key_levels):
         val, arg = results[i]
-        kv = kv.view_as(val)
         has_nan = kv > 0
         results[i] = (
             val.masked_fill(has_nan, float("nan")),
@@ -417,7 +423,7 @@ def pyramid_pool_forward(
     width_p = c * bins.pyramid_width(levels)
     with_argmax = with_argmax and mode == "max"
     argmax = torch.empty(0, dtype=torch.int32, device=x_first.device)
-    if k == 0 or len(features) > 1:  # (one map: a single concatenation below, no fill)
+    if k == 0 or len(features) > 1:  # (one map: its result is returned as is, no fill)
         out = x_first.new_zeros(k, width_p)
         if with_argmax:
             argmax = torch.full((k, width_p), -1, dtype=torch.int32, device=x_first.device)
@@ -432,20 +438,19 @@ def pyramid_pool_forward(
             else None
         )
         if mode == "avg":
-            vals, args = _avg_single(x, reg, scales, levels, partition, bin_dtype), None
+            val = torch.cat(_avg_single(x, reg, scales, levels, partition, bin_dtype), dim=1)
+            arg = None
+        elif partition == "roi":
+            val, arg = _roi_max(x, reg, scales, levels, bin_dtype, with_argmax)
         else:
-            pairs = (
-                _roi_max_chunked(x, reg, scales, levels, bin_dtype, with_argmax)
-                if partition == "roi"
-                else _adaptive_max_single(x, reg, levels, with_argmax)
-            )
-            vals = [p[0] for p in pairs]
-            args = [p[1] for p in pairs] if with_argmax else None
-        if sel is None:  # one map: no zero-fill and copy, one concatenation
-            return torch.cat(vals, dim=1), (torch.cat(args, dim=1) if args else argmax)
-        out[sel] = torch.cat(vals, dim=1)
-        if args:
-            argmax[sel] = torch.cat(args, dim=1)
+            pairs = _adaptive_max_single(x, reg, levels, with_argmax)
+            val = torch.cat([p[0] for p in pairs], dim=1)
+            arg = torch.cat([p[1] for p in pairs], dim=1) if with_argmax else None
+        if sel is None:  # one map: no zero-fill and copy
+            return val, (argmax if arg is None else arg)
+        out[sel] = val
+        if arg is not None:
+            argmax[sel] = arg
     return out, argmax
 
 
