@@ -491,14 +491,23 @@ def pyramid_pool_backward(
         else:
             a = argmax if sel is None else argmax[sel]
             plane = height * width
-            channel_of_column = torch.cat(
-                [torch.arange(c, device=x.device).repeat_interleave(bh * bw) for bh, bw in levels]
+            numel = n_img * c * plane
+            column_offset = torch.cat(
+                [
+                    torch.arange(c, device=x.device).repeat_interleave(bh * bw) * plane
+                    for bh, bw in levels
+                ]
             )
-            base = (_batch_index(reg)[:, None] * c + channel_of_column[None, :]) * plane
-            hit = a >= 0
-            flat_idx = (base + a.to(torch.int64))[hit]
-            grad = torch.zeros(n_img * c * plane, dtype=acc_dtype, device=x.device)
-            grad.index_put_((flat_idx,), g[hit].to(acc_dtype), accumulate=True)
-            grad = grad.view(n_img, c, height, width)
+            flat_idx = (
+                a.to(torch.int64)
+                .add_(column_offset)
+                .add_((_batch_index(reg) * (c * plane))[:, None])
+            )
+            # Empty bins (argmax -1) add into one spare slot past the end: no boolean masking,
+            # whose nonzero() costs more than the scatter itself.
+            flat_idx.masked_fill_(a < 0, numel)
+            grad = torch.zeros(numel + 1, dtype=acc_dtype, device=x.device)
+            grad.index_put_((flat_idx.view(-1),), g.to(acc_dtype).reshape(-1), accumulate=True)
+            grad = grad[:numel].view(n_img, c, height, width)
         grads.append(grad.to(x.dtype))
     return grads

@@ -128,7 +128,7 @@ def test_config_names_and_schedules():
         assert f"COCO-Detection/faster_rcnn_R_50_FPN_1x_{heads}.yaml" in names
         assert f"Shapes/faster_rcnn_R_18_FPN_{heads}.yaml" in names
     assert "COCO-Detection/sppnet_R_50_C5_1x_spp1236.yaml" in names
-    assert "Shapes/sppnet_R_18_C5_spp1236.yaml" in names
+    assert "Shapes/sppnet_R_18_C4_spp1236.yaml" in names
     coco = _cfg(CONFIGS / "COCO-Detection/faster_rcnn_R_50_FPN_1x_spp124.yaml")
     assert (coco.SOLVER.MAX_ITER, coco.SOLVER.IMS_PER_BATCH, coco.SOLVER.BASE_LR) == (
         90000,
@@ -139,6 +139,12 @@ def test_config_names_and_schedules():
     sppnet = _cfg(CONFIGS / "COCO-Detection/sppnet_R_50_C5_1x_spp1236.yaml")
     assert list(sppnet.MODEL.SPP.LEVELS) == [1, 2, 3, 6]
     assert list(sppnet.MODEL.ROI_HEADS.IN_FEATURES) == ["res5"]
+    shapes_sppnet = _cfg(CONFIGS / "Shapes/sppnet_R_18_C4_spp1236.yaml")
+    assert list(shapes_sppnet.MODEL.SPP.LEVELS) == [1, 2, 3, 6]
+    assert list(shapes_sppnet.MODEL.ROI_HEADS.IN_FEATURES) == ["res4"]  # stride 16, as SPP-net
+    shapes_fpn = _cfg(CONFIGS / "Shapes/faster_rcnn_R_18_FPN_spp124.yaml")
+    for key in ("MAX_ITER", "IMS_PER_BATCH", "BASE_LR"):  # same schedule for all four heads
+        assert getattr(shapes_sppnet.SOLVER, key) == getattr(shapes_fpn.SOLVER, key)
     for config in YAML_CONFIGS:  # the yaml never pins the device; setup() picks CPU if needed
         cfg = get_cfg()
         add_spp_config(cfg)
@@ -560,3 +566,73 @@ def test_finite_checkpointer_refuses_non_finite_weights(tmp_path):
     ckpt.save("model_bad")
     assert not (tmp_path / "model_bad.pth").exists()
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_good.pth"
+
+
+# --------------------------------------------------------------------------- basic ResNets
+def _resnet_cfg(width, depth=18, out_features=("res2", "res3", "res4", "res5")):
+    cfg = _cfg()
+    cfg.MODEL.RESNETS.DEPTH = depth
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = width
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = width
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.RESNETS.OUT_FEATURES = list(out_features)
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    return cfg
+
+
+@pytest.mark.parametrize("depth", [18, 34])
+def test_basic_resnet_at_width_64_is_detectron2s(depth):
+    from detectron2.modeling.backbone import build_resnet_backbone
+
+    from spp_triton.modeling import build_basic_resnet_backbone
+
+    cfg = _resnet_cfg(64, depth)
+    ours = build_basic_resnet_backbone(cfg, ShapeSpec(channels=3))
+    theirs = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.state_dict())
+    ours.eval(), theirs.eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_basic_resnet_fpn_any_width_shapes():
+    from spp_triton.modeling import build_basic_resnet_fpn_backbone
+
+    cfg = _resnet_cfg(24)
+    cfg.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.FPN.OUT_CHANNELS = 40
+    fpn = build_basic_resnet_fpn_backbone(cfg, ShapeSpec(channels=3))
+    widths = {k: s.channels for k, s in fpn.bottom_up.output_shape().items()}
+    assert widths == {"res2": 24, "res3": 48, "res4": 96, "res5": 192}
+    out = fpn(torch.randn(2, 3, 128, 96))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        # p6 is a stride-2 subsample of p5 (kernel 1), so its size rounds up
+        f"p{i}": (2, 40, -(-128 // (1 << i)), -(-96 // (1 << i)))
+        for i in range(2, 7)
+    }
+    # a single-map backbone stops at the last requested stage
+    c4 = spp_triton.modeling.build_basic_resnet_backbone(
+        _resnet_cfg(16, out_features=("res4",)), ShapeSpec(channels=3)
+    )
+    assert not hasattr(c4, "res5")
+    assert {k: (s.channels, s.stride) for k, s in c4.output_shape().items()} == {"res4": (64, 16)}
+
+
+@pytest.mark.parametrize(
+    "key,value,name",
+    [
+        ("DEPTH", 50, "MODEL.RESNETS.DEPTH"),
+        ("RES2_OUT_CHANNELS", 0, "MODEL.RESNETS.RES2_OUT_CHANNELS"),
+        ("RES5_DILATION", 2, "MODEL.RESNETS.RES5_DILATION"),
+        ("NUM_GROUPS", 32, "MODEL.RESNETS.NUM_GROUPS"),
+    ],
+)
+def test_basic_resnet_bad_config_names_the_key(key, value, name):
+    cfg = _resnet_cfg(32)
+    setattr(cfg.MODEL.RESNETS, key, value)
+    with pytest.raises(ValueError, match=re.escape(name)):
+        spp_triton.modeling.build_basic_resnet_backbone(cfg, ShapeSpec(channels=3))

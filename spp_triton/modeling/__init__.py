@@ -5,11 +5,17 @@
   every FPN level in one spp_triton call.
 * :class:`SPPROIHeads`: ``StandardROIHeads`` whose box pooler follows
   ``MODEL.ROI_BOX_HEAD.POOLER_TYPE`` ("SPP", "TritonROIPool", or detectron2's own).
+* ``build_basic_resnet_backbone`` / ``build_basic_resnet_fpn_backbone``: R-18 / R-34 of any width
+  (detectron2's fix RES2_OUT_CHANNELS at 64), registered as backbones.
 * :class:`Trainer`, :func:`setup`, :func:`launch`: what ``tools/train_net.py`` runs.
 
 Importing it also registers the embedded datasets of :mod:`spp_triton.data`.
 """
 
+from spp_triton.modeling.backbone import (
+    build_basic_resnet_backbone,
+    build_basic_resnet_fpn_backbone,
+)
 from spp_triton.modeling.config import (
     BOX_POOLER_TYPES,
     SPP_MODES,
@@ -33,6 +39,8 @@ from spp_triton.modeling.train import (
 register_datasets()
 
 __all__ = [
+    "build_basic_resnet_backbone",
+    "build_basic_resnet_fpn_backbone",
     "add_spp_config",
     "validate_config",
     "validate_datasets",

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine import launch as d2_launch
 from detectron2.evaluation import COCOEvaluator
@@ -278,6 +279,12 @@ class Trainer(DefaultTrainer):
             kwargs["use_fast_impl"] = fast_coco_eval_available()
         if cfg.MODEL.KEYPOINT_ON and "kpt_oks_sigmas" in params:
             kwargs["kpt_oks_sigmas"] = cfg.TEST.KEYPOINT_OKS_SIGMAS
+        # COCOEvaluator opens the metadata's json_file when it is built. Datasets registered
+        # lazily (the shapes datasets generate their files on first load) may not have it yet:
+        # loading the dataset once creates it.
+        json_file = getattr(MetadataCatalog.get(dataset_name), "json_file", None)
+        if json_file and not os.path.exists(json_file):
+            DatasetCatalog.get(dataset_name)
         return COCOEvaluator(
             dataset_name, tasks=tuple(tasks), distributed=True, output_dir=output_folder, **kwargs
         )
