@@ -2,8 +2,9 @@
 
 It has the same interface as ``spp_triton.kernels.pyramid_pool`` (see there for the argument
 conventions) and runs on any device. ``spp_triton.ops`` uses it for CPU tensors and for the
-deterministic backward (it scatters through ``index_put_(accumulate=True)``, which PyTorch makes
-deterministic under ``torch.use_deterministic_algorithms(True)``).
+deterministic backward (max scatters through a 1-D ``scatter_add_``, avg through
+``index_put_(accumulate=True)``; PyTorch makes both deterministic under
+``torch.use_deterministic_algorithms(True)``).
 
 How it is fast without a loop per RoI:
 
@@ -504,10 +505,11 @@ def pyramid_pool_backward(
                 .add_((_batch_index(reg) * (c * plane))[:, None])
             )
             # Empty bins (argmax -1) add into one spare slot past the end: no boolean masking,
-            # whose nonzero() costs more than the scatter itself.
+            # whose nonzero() costs more than the scatter itself. A 1-D scatter_add_ runs in
+            # index order on CPU (deterministic) and is several times faster than index_put_.
             flat_idx.masked_fill_(a < 0, numel)
             grad = torch.zeros(numel + 1, dtype=acc_dtype, device=x.device)
-            grad.index_put_((flat_idx.view(-1),), g.to(acc_dtype).reshape(-1), accumulate=True)
+            grad.scatter_add_(0, flat_idx.view(-1), g.to(acc_dtype).reshape(-1))
             grad = grad[:numel].view(n_img, c, height, width)
         grads.append(grad.to(x.dtype))
     return grads
