@@ -143,8 +143,18 @@ def test_config_names_and_schedules():
     assert list(shapes_sppnet.MODEL.SPP.LEVELS) == [1, 2, 3, 6]
     assert list(shapes_sppnet.MODEL.ROI_HEADS.IN_FEATURES) == ["res4"]  # stride 16, as SPP-net
     shapes_fpn = _cfg(CONFIGS / "Shapes/faster_rcnn_R_18_FPN_spp124.yaml")
-    for key in ("MAX_ITER", "IMS_PER_BATCH", "BASE_LR"):  # same schedule for all four heads
-        assert getattr(shapes_sppnet.SOLVER, key) == getattr(shapes_fpn.SOLVER, key)
+    # the same schedule, images, backbone width and RoI sampling for all four heads
+    for node, keys in (
+        ("SOLVER", ("MAX_ITER", "STEPS", "WARMUP_ITERS", "IMS_PER_BATCH", "BASE_LR")),
+        ("INPUT", ("MIN_SIZE_TRAIN", "MAX_SIZE_TRAIN", "MIN_SIZE_TEST", "MAX_SIZE_TEST")),
+        ("MODEL.RESNETS", ("DEPTH", "RES2_OUT_CHANNELS", "STEM_OUT_CHANNELS")),
+        ("MODEL.ROI_HEADS", ("BATCH_SIZE_PER_IMAGE", "POSITIVE_FRACTION")),
+    ):
+        for key in keys:
+            a, b = shapes_sppnet, shapes_fpn
+            for part in node.split("."):
+                a, b = getattr(a, part), getattr(b, part)
+            assert getattr(a, key) == getattr(b, key), f"{node}.{key}"
     for config in YAML_CONFIGS:  # the yaml never pins the device; setup() picks CPU if needed
         cfg = get_cfg()
         add_spp_config(cfg)
