@@ -849,16 +849,15 @@ _COMPILE_SCRIPT = textwrap.dedent("""
                 for part, reg in (("roi", boxes), ("adaptive", regions)):
                     if part == "adaptive" and nmaps > 1:
                         continue
-                    grid, a, kw, out, am = pp._forward_launch(maps, reg, index, scales, levels,
-                                                              mode, part)
-                    build(pp._pyramid_pool_fwd_kernel, a, kw)
+                    fwd = pp.forward_launch(maps, reg, index, scales, levels, mode, part)
+                    build(fwd.kernel, fwd.args, fwd.kwargs)
+                    out, am = fwd.outputs
                     if mode == "max" and dtype == torch.float32:  # no argmax stored
-                        launch = pp._forward_launch(maps, reg, index, scales, levels, mode, part,
-                                                    with_argmax=False)
-                        build(pp._pyramid_pool_fwd_kernel, launch[1], launch[2])
-                    kern, grid, a, kw, bufs = pp._backward_launch(out, maps, reg, index, scales,
-                                                                  levels, mode, part, am)
-                    build(kern, a, kw)
+                        launch = pp.forward_launch(maps, reg, index, scales, levels, mode, part,
+                                                   with_argmax=False)
+                        build(launch.kernel, launch.args, launch.kwargs)
+                    bwd = pp.backward_launch(out, maps, reg, index, scales, levels, mode, part, am)
+                    build(bwd.kernel, bwd.args, bwd.kwargs)
     print("compiled-ok")
 """)
 

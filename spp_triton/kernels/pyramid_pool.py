@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -615,10 +616,24 @@ def _device_ctx(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _forward_launch(
+class Launch(NamedTuple):
+    """One kernel launch, fully resolved: ``kernel[grid](*args, **kwargs)`` runs it.
+
+    ``outputs`` are the tensors it writes (forward: ``(out, argmax)``; backward: the gradient
+    buffers). The SASS report and the compile tests build the same launches without a GPU.
+    """
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    outputs: tuple
+
+
+def forward_launch(
     features, regions, feature_index, spatial_scales, levels, mode, partition, with_argmax=True
-):
-    """``(grid, args, kwargs, out, argmax)`` of the forward launch (also used by compile tests)."""
+) -> Launch:
+    """The forward launch for these inputs (see ``pyramid_pool_forward``)."""
     f0 = features[0]
     n, c = int(f0.shape[0]), int(f0.shape[1])
     k = int(regions.shape[0])
@@ -658,7 +673,7 @@ def _forward_launch(
         BLOCK_W=_block_w(block_c, max_w, meta["NCOL"], wide),
     )
     grid = (k, triton.cdiv(c, block_c))
-    return grid, args, kwargs, out, argmax
+    return Launch(_pyramid_pool_fwd_kernel, grid, args, kwargs, (out, argmax))
 
 
 def pyramid_pool_forward(
@@ -677,12 +692,13 @@ def pyramid_pool_forward(
     and for max with ``with_argmax=False`` (no gradient will be needed; argmax is not stored).
     No validation: the ops layer checks shapes, dtypes and devices.
     """
-    grid, args, kwargs, out, argmax = _forward_launch(
+    launch = forward_launch(
         features, regions, feature_index, spatial_scales, levels, mode, partition, with_argmax
     )
+    out, argmax = launch.outputs
     if out.numel() > 0:
         with _device_ctx(out.device):
-            _pyramid_pool_fwd_kernel[grid](*args, **kwargs)
+            launch.kernel[launch.grid](*launch.args, **launch.kwargs)
     return out, argmax
 
 
@@ -700,9 +716,11 @@ def _grad_buffer(f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(f.shape, dtype=dtype, device=f.device, memory_format=fmt).zero_()
 
 
-def _backward_launch(
+def backward_launch(
     grad_out, features, regions, feature_index, spatial_scales, levels, mode, partition, argmax
-):
+) -> Launch:
+    """The backward launch (see ``pyramid_pool_backward``); ``outputs`` are the float32/64
+    gradient buffers, one per map."""
     f0 = features[0]
     n, c = int(f0.shape[0]), int(f0.shape[1])
     k = int(regions.shape[0])
@@ -742,7 +760,7 @@ def _backward_launch(
         args = grad_args + region_args
         max_w = max(int(f.shape[3]) for f in features)
         kwargs["BLOCK_W"] = _block_w(block_c, max_w, meta["NCOL"], wide)
-    return kernel, grid, args, kwargs, bufs
+    return Launch(kernel, grid, args, kwargs, tuple(bufs))
 
 
 def pyramid_pool_backward(
@@ -761,12 +779,13 @@ def pyramid_pool_backward(
     Max routes each output gradient to its argmax (skipping -1); avg spreads ``g / count`` evenly
     over the bin's in-map pixels. Non-deterministic summation order (atomics).
     """
-    kernel, grid, args, kwargs, bufs = _backward_launch(
+    launch = backward_launch(
         grad_out, features, regions, feature_index, spatial_scales, levels, mode, partition, argmax
     )
-    if grid[0] > 0 and grid[1] > 0 and grad_out.numel() > 0:
+    bufs = launch.outputs
+    if launch.grid[0] > 0 and launch.grid[1] > 0 and grad_out.numel() > 0:
         with _device_ctx(grad_out.device):
-            kernel[grid](*args, **kwargs)
+            launch.kernel[launch.grid](*launch.args, **launch.kwargs)
     return [
         buf if buf.dtype == f.dtype else buf.to(f.dtype)
         for buf, f in zip(bufs, features, strict=True)
