@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.setup-stamp
 # The setup is redone only when one of these changes.
 SETUP_INPUTS := pyproject.toml requirements/pins.txt tools/install_detectron2.py
 
-.PHONY: setup test demo lint fuzz clean
+.PHONY: setup test demo lint fuzz clean gpu-check
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: setup
 
 fuzz: setup
 	$(PY) tools/fuzz.py --cases 10000
+
+# One-shot GPU check (README "GPU check"): no set-up, the plain $(PYTHON) of the GPU machine.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: setup
 	$(PY) -m ruff check spp_triton tools tests benchmarks

@@ -435,16 +435,19 @@ def register_flop_handles(analysis=None):
     """Make fvcore/detectron2 ``FlopCountAnalysis`` count the spp_triton ops.
 
     With ``analysis`` (an fvcore ``JitModelAnalysis``): set the handles on it and return it.
-    Always: add them to fvcore's default handles (so every ``FlopCountAnalysis`` created later,
-    detectron2's included, counts them) and register the ``torch.utils.flop_counter`` formulas.
-    Idempotent; run on import of this module.
+    Always: register the ``torch.utils.flop_counter`` formulas and, when fvcore is installed,
+    add the handles to fvcore's default handles (so every ``FlopCountAnalysis`` created later,
+    detectron2's included, counts them). Idempotent; run on import of this module.
     """
-    # ``fvcore.nn.flop_count`` is also a function name: fetch the module itself.
-    flop_count = importlib.import_module("fvcore.nn.flop_count")
-
+    register_flop_formulas()
+    try:  # ``fvcore.nn.flop_count`` is also a function name: fetch the module itself.
+        flop_count = importlib.import_module("fvcore.nn.flop_count")
+    except ModuleNotFoundError as err:  # no fvcore (a bare GPU image): the formulas suffice
+        if err.name != "fvcore":
+            raise
+        return analysis
     for name, handle in SPP_TRITON_FLOP_HANDLES.items():
         flop_count._DEFAULT_SUPPORTED_OPS.setdefault(name, handle)
-    register_flop_formulas()
     if analysis is not None:
         analysis.set_op_handle(**SPP_TRITON_FLOP_HANDLES)
     return analysis
