@@ -1,0 +1,9 @@
+"""Kernel measurement tools, importable so that thin CLIs in ``tools/`` can run them.
+
+* ``spp_triton.bench.sass``: the static SASS report (registers, occupancy, hot-loop instruction
+  mix and instructions per loaded element), compiled for sm_90 / sm_80 without a GPU, with
+  torchvision's ``roi_pool`` kernels side by side.
+
+Nothing is imported here: ``sass`` compiles in subprocesses and must not import Triton's kernels
+into a process that runs Triton's interpreter.
+"""
