@@ -20,6 +20,33 @@ os.environ.setdefault("SPP_TRITON_CPU_BACKEND", "torch")
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _interpreter_scalar_index_shim() -> None:
+    """Triton 3.6's interpreter turns a runtime scalar (a shape-(1,) array) into a Python int with
+    ``int(array)``, which NumPy >= 2.4 rejects, so every ``range()`` with runtime bounds fails
+    there (triton-lang/triton#9171, fixed in later Triton by squeezing first). Squeeze it the same
+    way on 3.6 only; the compiled GPU path is not affected."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton
+        import triton.runtime.interpreter as interpreter
+    except ImportError:
+        return
+    if not triton.__version__.startswith("3.6") or not hasattr(interpreter, "_patch_lang_tensor"):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch
+
+
+def pytest_configure(config):
+    _interpreter_scalar_index_shim()
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")
     for item in items:

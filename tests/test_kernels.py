@@ -439,13 +439,12 @@ def test_multiple_feature_maps():
 
 @pytest.fixture
 def tiny_blocks(monkeypatch):
-    """Force 4-channel blocks and 2-column tiles: with 10 channels, three channel programs per
-    region (the last half masked), several tiles per row (ties and NaNs across tiles), tiles
-    straddling column-bin edges."""
+    """Force 4-channel blocks (and 8-element backward blocks): with 10 channels, three channel
+    programs per region, the last half past the channels (reads clamped, stores masked)."""
     from spp_triton.kernels import pyramid_pool as pp
 
     monkeypatch.setattr(pp, "_block_c", lambda *args: 4)
-    monkeypatch.setattr(pp, "_block_w", lambda *args: 2)
+    monkeypatch.setattr(pp, "_BWD_MAX_BLOCK", 8)
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])

@@ -503,9 +503,39 @@ def analyse_function(instrs: Sequence[Instr], elem_bytes: int, backward: bool) -
         if figures
         else None
     )
+    shapes = Counter(
+        (h["instructions"], h["loaded_elements"], h["atomic_elements"]) for h in figures
+    )
+    # The main loop: the one moving the most elements per iteration (the loop the compiler
+    # unrolled, where wide bins spend their time); among equals the most frequent body (one
+    # copy per pooling site), then the shortest. Remainder and re-scan loops are listed apart.
+    main_loop = (
+        max(
+            figures,
+            key=lambda h: (
+                max(h["loaded_elements"], h["atomic_elements"]),
+                shapes[(h["instructions"], h["loaded_elements"], h["atomic_elements"])],
+                -h["instructions"],
+            ),
+        )
+        if figures
+        else None
+    )
+    loop_shapes = [
+        dict(
+            instructions=n,
+            elements=max(ld, at),
+            per_element=round(n / max(ld, at), 3),
+            count=count,
+        )
+        for (n, ld, at), count in sorted(shapes.items(), key=lambda kv: -kv[1])
+    ]
     return dict(
         kernel_figures=_figures(instrs, elem_bytes, backward),
         mix=instruction_mix(instrs),
+        main_loop=main_loop,
+        per_element_main=main_loop["per_element"] if main_loop else None,
+        loop_shapes=loop_shapes,
         loops=len(loops),
         innermost_loops=len(inner),
         hot_loops=hot,
@@ -688,7 +718,13 @@ RULES = (
     "elements if the loop has no atomic. A kernel without a hot loop shows the figure of its "
     "whole code instead (every instruction once, cold paths included). Per variant: the "
     "**median** over its hot loops (the lower median, an actual loop, whose 'body' and 'mix' are "
-    "shown) and the **max**. MEMBAR / SHFL / BAR 'in loops' count every "
+    "shown) and the **max**. **Main loop**: the hot loop that moves the most elements per "
+    "iteration (the unrolled one, where wide bins spend their time), among equals the most "
+    "frequent body, then the shortest; its instr/elem is the figure compared with torchvision's "
+    "(whose only hot loop is its x16 unrolled one, chosen by the same rule). **Other hot "
+    "loops** lists every distinct hot-loop body as instructions/elements (xcount): remainder "
+    "loops of the unrolled ones and the argmax re-scan of one row per bin. MEMBAR / SHFL / BAR "
+    "'in loops' count every "
     "loop, hot or not. **Spills**: local memory (stack frame + local) bytes per thread / 4, as "
     "Triton's `n_spills`; `LDL`/`STL` in a mix are its accesses.\n"
 )
@@ -712,28 +748,46 @@ def _mix_text(mix: dict[str, int] | None) -> str:
 
 
 _HEADER = (
-    "| variant | regs | spills | smem KB | warps/SM (occ.) | hot loops | body (median loop) "
-    "| instr/elem median | max | median loop mix | MEMBAR in loops | SHFL / BAR in loops |\n"
-    "|---|---:|---:|---:|---|---:|---:|---:|---:|---|---:|---|\n"
+    "| variant | regs | spills | smem KB | warps/SM (occ.) | hot loops | main loop body "
+    "| instr/elem main | median | max | main loop mix | other hot loops | MEMBAR in loops "
+    "| SHFL / BAR in loops |\n"
+    "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---|---:|---|\n"
 )
+
+
+def _shapes_text(r: dict) -> str:
+    main = r.get("main_loop")
+    rest = [
+        s
+        for s in r.get("loop_shapes", [])
+        if not main
+        or (s["instructions"], s["elements"])
+        != (main["instructions"], max(main["loaded_elements"], main["atomic_elements"]))
+    ]
+    return (
+        ", ".join(f"{s['instructions']}/{_fmt(s['elements'], 0)} (x{s['count']})" for s in rest)
+        or "–"
+    )
 
 
 def _row(r: dict) -> str:
     if "error" in r:
         return f"| {r.get('name', r.get('case'))} | compile failed: {r['error'][:120]} |\n"
-    loop = r["median_loop"]
+    loop = r.get("main_loop")
     if loop:
         atomic = loop["per_element_basis"] == "atomic"
-        median = _fmt(r["per_element_median"]) + (" (atomic)" if atomic else "")
+        main = _fmt(r["per_element_main"]) + (" (atomic)" if atomic else "")
     else:  # straight-line kernel: the whole kernel's figure instead
         whole = r["kernel_figures"]
         atomic = " (atomic)" if whole["per_element_basis"] == "atomic" else ""
-        median = f"no loop; kernel {_fmt(whole['per_element'])}{atomic}"
+        main = f"no loop; kernel {_fmt(whole['per_element'])}{atomic}"
     return (
         f"| {r['name']} | {r['regs']} | {r['spills']} | {r['shared_bytes'] / 1024:.1f} "
         f"| {r['warps']} ({r['occupancy']:.2f}, {r['limiter']}) | {r['n_hot_loops']} "
-        f"| {loop['instructions'] if loop else '–'} | {median} | {_fmt(r['per_element_max'])} "
-        f"| {_mix_text(loop['mix'] if loop else None)} | {r['membar_in_loops']} "
+        f"| {loop['instructions'] if loop else '–'} | {main} "
+        f"| {_fmt(r['per_element_median'])} | {_fmt(r['per_element_max'])} "
+        f"| {_mix_text(loop['mix'] if loop else None)} | {_shapes_text(r)} "
+        f"| {r['membar_in_loops']} "
         f"| {'yes' if r['shfl_in_loops'] else 'no'} ({r['shfl_in_loops']}) / "
         f"{'yes' if r['bar_in_loops'] else 'no'} ({r['bar_in_loops']}) |\n"
     )
@@ -748,17 +802,17 @@ def _comparison(rows: list[dict], tv: list[dict], arch: int) -> str:
         "torchvision pools one level per launch, so it reads every window element once per level: "
         "its per-level figure × the number of levels is what one of our launches replaces. "
         "Target: ours ≤ ½ of that.\n\n"
-        "| level set | torchvision per level × levels | ours (median, 1map) | ratio "
-        "| ours (median, fpn4) | ratio |\n|---|---|---:|---:|---:|---:|\n"
+        "| level set | torchvision per level × levels | ours (main loop, 1map) | ratio "
+        "| ours (main loop, fpn4) | ratio |\n|---|---|---:|---:|---:|---:|\n"
     )
-    tv_elem = tv_fwd["per_element_median"] if tv_fwd else None
+    tv_elem = tv_fwd["per_element_main"] if tv_fwd else None
     for levels, pairs in LEVEL_SETS.items():
         n = len(pairs)
         total = tv_elem * n if tv_elem else None
         cells = [f"{_fmt(tv_elem)} × {n} = {_fmt(total)}"]
         for maps in MAP_SETS:
             r = ours.get(f"fwd-max-{levels}-{maps}-fp32-nchw")
-            mine = r["per_element_median"] if r else None
+            mine = r["per_element_main"] if r else None
             ratio = mine / total if mine and total else None
             cells += [_fmt(mine), _fmt(ratio)]
         text += f"| {levels} | " + " | ".join(cells) + " |\n"

@@ -2,53 +2,54 @@
 
 What one program computes
     Forward, grid ``(K, cdiv(C, BLOCK_C))``: program ``(k, cb)`` pools region ``k`` for channels
-    ``[cb * BLOCK_C, cb * BLOCK_C + BLOCK_C)`` at *all* pyramid levels. It resolves the region
-    (batch index, which feature map, bin edges of every level; ``spp_triton.kernels.bins``), then
-    sweeps the region's window -- the union of all its bins, clipped to the map -- once, row by
-    row, ``BLOCK_W`` columns at a time. Each ``[BLOCK_C, BLOCK_W]`` tile is reduced per *column
-    bin* (the ``sum(bw)`` column ranges of all levels, padded to ``NCOL``, a power of two) to
-    ``[BLOCK_C, NCOL]`` and combined over the row's tiles. The accumulator is indexed by *slots*
-    ``(r, j)``, ``[BLOCK_C, NR, NCOL]`` (``NR`` = max ``bh`` padded): slot ``(r, j)`` is bin
-    ``(ph = r, pw = j - WOFF[l])`` of the level ``l`` owning column bin ``j`` (slots with
-    ``r >= bh`` are unused). At the end of a row, the row's column-bin results are broadcast over
-    ``r`` into the slots whose row range contains the row -- no gather. So each window element
-    is loaded once whatever the level set (nested or not, overlapping or not). Max keeps
-    (value, flat index, is-NaN) per slot; avg keeps a float32 (float64) sum.
+    ``[cb * BLOCK_C, cb * BLOCK_C + BLOCK_C)`` at *all* pyramid levels, **one lane per channel**.
+    Every lane of a program works on the same region, so bin edges and loop bounds are uniform
+    scalars: a lane walks each rectangle it pools serially (rows, then columns), with no masks, no
+    shuffles and no barriers; the column loop is the hot loop (``tl.maximum`` with NaN propagation,
+    i.e. ``FMNMX.NAN``, or an add, per element; LLVM unrolls it four times).
 
-    Per tile and column bin, max needs two reductions over ``[BLOCK_C, NCOL, BLOCK_W]``: the
-    NaN-free maximum, then the minimum of a key that is the column of a NaN, or the column plus
-    ``2**30`` of an element equal to that maximum (so the first NaN wins, else the first maximum).
-    Combining tiles (left to right) and rows (top to bottom) uses strict ``>``, so the earliest
-    maximum in row-major order is kept.
+    Max pools a rectangle in two passes: the maximum of each row (NaN-propagating) and the first
+    row whose maximum beats the best so far (strict ``>``; a NaN row beats every non-NaN row); then
+    one re-scan of that row, right to left, for its first element equal to the maximum (or its
+    first NaN). So the argmax is the first maximum in row-major order -- torchvision's rule --
+    without an index select per element, and the value is that element bit for bit (``-0.0``).
 
-    (``tl.gather`` from ``[BLOCK_C, NCOL]`` to flat bins would save the unused slots, but Triton
-    3.8's gather lowering asserts on sm_90 for some block shapes -- e.g. ``BLOCK_C`` = 2 or 4.)
+    Levels that nest (every coarse bin is a union of finest bins: ``bh``, ``bw`` divide those of
+    a finer level in the set, e.g. {1, 2, 4} or {1, 2, 3, 6}) are pooled from the finest level's
+    *cells*: each cell is pooled once, stored as a finest-level output, and folded into its coarse
+    bins, which a lane keeps in registers (``[NB, BLOCK_C]`` tensors whose bin axis is in-thread,
+    so each fold is a handful of instructions on registers known at compile time). The fold
+    compares (key, flat index): the key is the value's order-preserving integer image with
+    ``-0.0 == +0.0`` and every NaN above ``+inf``, so the fold keeps the first maximum (or first
+    NaN) in row-major order even though cells are visited cell by cell. Overlapping cells (floor /
+    ceil edges share a pixel) are harmless for a maximum. torchvision's float partition does not
+    always nest (e.g. 14 bins over an extent of 57 pixels), so the union edges are checked against
+    each coarse bin's own edges per region; when any differs, those levels are pooled directly.
+    Every other level (and every level of avg, where overlapping cells would count a pixel twice)
+    is pooled directly, bin by bin, in a runtime loop.
 
-    Feature maps (FPN levels): each map's pointer, size, strides and spatial scale are tuple
-    arguments with one entry per map; a program selects its region's map with scalar selects, so
-    any number of maps is one launch. The level set, mode, partition and number of maps are
-    ``tl.constexpr`` (levels as tuples ``LH``, ``LW`` and their prefix sums); per-bin tables are
-    built in registers from them. Spatial scales travel as the bit pattern of the float64 value
-    (an int64 argument) and are rounded to the bin dtype in the kernel, as torch would.
+    Feature maps (FPN levels): the maps' pointers are a tuple argument; their sizes and strides are
+    rows of a small int64 tensor and their spatial scales a float64 tensor, so nothing about a map's
+    size is compiled in (one variant serves every image size). A program selects its region's map
+    with scalar selects, so any number of maps is one launch. The level set, mode, partition,
+    number of maps and whether the maps' width stride is 1 are ``tl.constexpr``.
 
-    Backward, same grid. Max, over flat bins (``NBINS`` = ``sum(bh * bw)`` padded to a power of
-    two): each program loads its ``[BLOCK_C, NBINS]`` block of ``grad_out`` and ``argmax`` and
-    ``tl.atomic_add``\\ s each gradient onto its argmax. Avg, in the forward's slot layout: the
-    program sweeps the window like the forward; per row it sums the shares ``g / count`` of the
-    slots containing the row per column bin, then per tile element over the column bins containing
-    it, and atomically adds that (one atomic per window element and channel). Gradients
-    accumulate in float32 (float64 for float64 maps) buffers, cast to the map dtype afterwards.
-    Atomics make this path non-deterministic in the last bits for float32 sums; a deterministic
-    path exists elsewhere.
+    Backward, max: grid ``(K, cdiv(C * P, BLOCK))``, one lane per output element (coalesced reads
+    of ``grad_out`` and ``argmax``): it finds its channel from its position and adds its gradient
+    onto its argmax with a relaxed atomic (no memory fence). Avg: grid as the forward, one lane per
+    channel, bin by bin: ``g / count`` added with relaxed atomics onto every in-map pixel of the
+    bin. Gradients accumulate in float32 (float64 for float64 maps) buffers, cast to the map dtype
+    afterwards. Atomics make this path non-deterministic in the last bits for float32 sums; a
+    deterministic path exists elsewhere.
 
 Memory read and written
-    Reads: the region row (``regions[k]``, ``feature_index[k]``), the window elements of the one
-    map the region reads (through its strides; any layout), and, for max, the one selected element
-    per output again (so that the stored value is that element bit for bit, ``-0.0`` included).
-    Writes: ``out[k, :]`` / ``argmax[k, :]`` for the program's channels, layout level-major in the
-    given order, then channel, row, column (``bins.level_offsets``). Backward reads ``grad_out``
-    (and ``argmax``) at the same places and writes only gradient buffer elements inside the
-    region's clipped window (avg) or at ``argmax`` (max).
+    Reads: the region row (``regions[k]``, ``feature_index[k]``), the map table row of its map, and
+    the elements of the one map the region reads inside its bins (through its strides; any layout);
+    each element once per *finest* bin containing it for nested max levels, once per bin otherwise;
+    plus one row per pooled rectangle again for the argmax. Writes: ``out[k, :]`` / ``argmax[k, :]``
+    for the program's channels, layout level-major in the given order, then channel, row, column
+    (``bins.level_offsets``). Backward reads ``grad_out`` (and ``argmax``) at the same places and
+    writes only gradient buffer elements inside the region's bins (avg) or at ``argmax`` (max).
 
 Rules
     * Ties (max): the first maximal element in row-major order (h, then w) within the bin wins --
@@ -66,15 +67,14 @@ Memory safety
     index is not in ``[0, N)`` (or is NaN), or whose ``feature_index`` is not in ``[0, F)``, is
     all-empty (zeros, argmax -1, no gradient); NaN coordinates count as 0, infinite or huge ones
     are clamped to ``COORD_LIMIT``, adaptive sizes to the map; every bin is clipped to its map
-    before any load; addresses are computed in int64. Backward ignores argmax values outside the
-    plane. Assumed, not checked: a plane has fewer than ``2**30`` columns and ``2**31`` elements
-    (argmax is int32).
+    before any load; lanes past the last channel read the last channel (their stores are masked);
+    addresses are computed in int64. Backward ignores argmax values outside the plane. Assumed, not
+    checked: a plane has fewer than ``2**31`` elements (argmax is int32).
 """
 
 from __future__ import annotations
 
 import contextlib
-import struct
 from typing import Any, NamedTuple
 
 import torch
@@ -85,8 +85,15 @@ from spp_triton.kernels.bins import adaptive_bin_edges, quantize_roi, roi_bin_ed
 
 MAX_FEATURE_MAPS = 5  # what the library supports (FPN P2-P6); the kernels take any number
 
-_BIG = tl.constexpr(2**31 - 1)  # "no element" in an index accumulator
-_NAN_OFF = tl.constexpr(2**30)  # key offset: NaN hits sort before (smaller than) max hits
+_BIG = tl.constexpr(2**31 - 1)  # "no element" in a fold's index
+_META = tl.constexpr(6)  # map table row: H, W, stride N, stride C, stride H, stride W
+
+# Level roles (constexpr per level, chosen on the host): pooled directly bin by bin; the finest
+# level of a nested group (pooled cell by cell); a coarse level folded from its group's cells.
+DIRECT, FINE, COARSE = 0, 1, 2
+_FINE = tl.constexpr(FINE)
+_COARSE = tl.constexpr(COARSE)
+_DIRECT = tl.constexpr(DIRECT)
 
 # ----------------------------------------------------------------------------------------------
 # device helpers
@@ -103,22 +110,6 @@ def _pick(fi, values, NUM_F: tl.constexpr):
 
 
 @triton.jit
-def _flat_bin_tables(LH: tl.constexpr, LW: tl.constexpr, POFF: tl.constexpr, NBINS: tl.constexpr):
-    """Per flat bin ``i`` (of ``NBINS``; ``POFF[l] <= i < POFF[l] + bh * bw`` for its level ``l``):
-    ``POFF[l]``, ``bh * bw`` of its level, and whether ``i`` is a bin at all (int32 / bool)."""
-    i = tl.arange(0, NBINS)
-    loff = tl.zeros([NBINS], tl.int32)
-    lsize = tl.zeros([NBINS], tl.int32)
-    bin_ok = i < 0
-    for lv in tl.static_range(len(LH)):
-        m = (i >= POFF[lv]) & (i < POFF[lv] + LH[lv] * LW[lv])
-        loff = tl.where(m, POFF[lv], loff)
-        lsize = tl.where(m, LH[lv] * LW[lv], lsize)
-        bin_ok = bin_ok | m
-    return loff, lsize, bin_ok
-
-
-@triton.jit
 def _region_header(
     k,
     reg_ptr,
@@ -127,9 +118,8 @@ def _region_header(
     fidx_ptr,
     fidx_s0,
     N,
-    XH,
-    XW,
-    XSCALE,
+    meta_ptr,
+    scale_ptr,
     NUM_F: tl.constexpr,
     ROI: tl.constexpr,
     BIN_DTYPE: tl.constexpr,
@@ -137,22 +127,22 @@ def _region_header(
     """Resolve region ``k``: ``(ok, fi, b, H, W, row0, rows, col0, cols)``.
 
     ``ok``: the batch and feature indices are valid (else the region is all-empty); ``fi``: the map
-    it reads; ``b``: int64 batch index (0 when not ``ok``); ``H, W``: that map's size. RoI: the
-    quantised RoI start and extent per axis (``bins.quantize_rois``). Adaptive: ``(0, h, 0, w)``
-    with ``h, w`` clamped to ``[0, H]``, ``[0, W]``.
+    it reads (0 when not ``ok``); ``b``: int64 batch index (0 when not ``ok``); ``H, W``: that
+    map's size (int32). RoI: the quantised RoI start and extent per axis
+    (``bins.quantize_rois``). Adaptive: ``(0, h, 0, w)`` with ``h, w`` clamped to the map.
     """
     fi = tl.load(fidx_ptr + k * fidx_s0).to(tl.int64)
     ok = (fi >= 0) & (fi < NUM_F)
-    H = _pick(fi, XH, NUM_F)
-    W = _pick(fi, XW, NUM_F)
+    fi = tl.where(ok, fi, 0)
+    H = tl.load(meta_ptr + fi * _META).to(tl.int32)
+    W = tl.load(meta_ptr + fi * _META + 1).to(tl.int32)
     row_ptr = reg_ptr + k * reg_s0
     if ROI:
         bf = tl.load(row_ptr).to(BIN_DTYPE)
         # trunc(bf) in [0, N) as torchvision's int cast reads it; false for NaN.
         ok = ok & (bf > -1.0) & (bf < N)
         b = tl.where(ok, bf, 0.0).to(tl.int64)
-        scale_bits = _pick(fi, XSCALE, NUM_F).to(tl.int64)
-        scale = scale_bits.to(tl.float64, bitcast=True).to(BIN_DTYPE)
+        scale = tl.load(scale_ptr + fi).to(BIN_DTYPE)
         x1 = tl.load(row_ptr + reg_s1)
         y1 = tl.load(row_ptr + 2 * reg_s1)
         x2 = tl.load(row_ptr + 3 * reg_s1)
@@ -172,24 +162,17 @@ def _region_header(
 
 
 @triton.jit
-def _edges(start, extent, p, n, size, ok, ROI: tl.constexpr, BIN_DTYPE: tl.constexpr):
-    """Clipped ``[lo, hi)`` of bins ``p`` of ``n``; ``lo = hi = 0`` where ``ok`` is false."""
+def _edges(start, extent, p, n: tl.constexpr, size, ok, ROI: tl.constexpr, BIN_DTYPE: tl.constexpr):
+    """Clipped ``[lo, hi)`` of bin ``p`` (int32 scalar) of ``n`` on an axis; empty unless ``ok``."""
+    pp = p + tl.zeros([], tl.int32)  # p: a static or a runtime index
+    nn = tl.full([], n, tl.int32)
     if ROI:
-        lo, hi = roi_bin_edges(start, extent, p, n, size, BIN_DTYPE)
+        lo, hi = roi_bin_edges(start, extent, pp, nn, size, BIN_DTYPE)
     else:
-        lo, hi = adaptive_bin_edges(extent, p, n)
+        lo, hi = adaptive_bin_edges(extent, pp, nn)
     lo = tl.where(ok, lo, 0)
     hi = tl.where(ok, hi, 0)
     return lo, hi
-
-
-@triton.jit
-def _span(lo, hi):
-    """Smallest ``[a, b)`` containing every non-empty ``[lo, hi)``; ``a >= b`` when all empty."""
-    nonempty = lo < hi
-    a = tl.min(tl.where(nonempty, lo, _BIG), axis=0)
-    b = tl.max(tl.where(nonempty, hi, 0), axis=0)
-    return a, b
 
 
 @triton.jit
@@ -203,34 +186,397 @@ def _div(num, den, ACC_DTYPE: tl.constexpr):
     return q
 
 
+@triton.jit
+def _rect_max(
+    plane,
+    s_h,
+    s_w,
+    W,
+    rlo,
+    rhi,
+    clo,
+    chi,
+    UNIT_W: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per lane, the maximum of ``[rlo, rhi) x [clo, chi)`` of its plane: ``(value, index)``.
+
+    ``index`` is the flat ``h * W + w`` of the first maximum (or first NaN) in row-major order,
+    ``-1`` for an empty rectangle; ``value`` is that element, bit for bit (in ``ACC_DTYPE``).
+    """
+    nonempty = (rlo < rhi) & (clo < chi)
+    best = tl.full([BLOCK_C], float("-inf"), ACC_DTYPE)
+    brow = tl.zeros([BLOCK_C], tl.int32) + tl.where(nonempty, rlo, -1)
+    for h in range(rlo, rhi):
+        row = plane + h * s_h
+        m = tl.full([BLOCK_C], float("-inf"), ACC_DTYPE)
+        for w in range(clo, chi):  # the hot loop: one load and one max per element
+            if UNIT_W:
+                x = tl.load(row + w)
+            else:
+                x = tl.load(row + w * s_w)
+            m = tl.maximum(m, x.to(ACC_DTYPE), propagate_nan=tl.PropagateNan.ALL)
+        # Strict '>' keeps the earlier row; the first NaN row wins over everything after it.
+        take = (m > best) | ((m != m) & (best == best))
+        best = tl.where(take, m, best)
+        brow = tl.where(take, h, brow)
+    # The first element of row `brow` equal to `best` (its first NaN when `best` is NaN; then no
+    # element equals `best`, and a non-NaN best's row has no NaN), scanning right to left.
+    last = chi - 1
+    if UNIT_W:
+        end = plane + tl.maximum(brow, 0).to(tl.int64) * s_h + last
+    else:
+        end = plane + tl.maximum(brow, 0).to(tl.int64) * s_h + last.to(tl.int64) * s_w
+    ncol = tl.where(nonempty, chi - clo, 0)
+    bcol = tl.full([BLOCK_C], -1, tl.int32)
+    value = best
+    for t in range(0, ncol):
+        if UNIT_W:
+            x = tl.load(end - t).to(ACC_DTYPE)
+        else:
+            x = tl.load(end - t * s_w).to(ACC_DTYPE)
+        hit = (x == best) | (x != x)
+        bcol = tl.where(hit, last - t, bcol)
+        value = tl.where(hit, x, value)
+    index = tl.where(bcol >= 0, brow * W + bcol, -1)
+    return value, index
+
+
+@triton.jit
+def _rect_sum(
+    plane,
+    s_h,
+    s_w,
+    rlo,
+    rhi,
+    clo,
+    chi,
+    UNIT_W: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Per lane, the sum of ``[rlo, rhi) x [clo, chi)`` of its plane in ``ACC_DTYPE``."""
+    acc = tl.zeros([BLOCK_C], ACC_DTYPE)
+    for h in range(rlo, rhi):
+        row = plane + h * s_h
+        for w in range(clo, chi):  # the hot loop: one load and one add per element
+            if UNIT_W:
+                x = tl.load(row + w)
+            else:
+                x = tl.load(row + w * s_w)
+            acc += x.to(ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _order_key(value, index, ACC_DTYPE: tl.constexpr):
+    """An integer that orders like ``value`` (``-0.0 == +0.0``; every NaN above ``+inf``), and
+    below every value's key where ``index < 0`` (an empty cell)."""
+    if ACC_DTYPE == tl.float64:
+        bits = (value + 0.0).to(tl.int64, bitcast=True)  # + 0.0 turns -0.0 into +0.0
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+        key = tl.where(value != value, 0x7FFFFFFFFFFFFFFF, key)
+        key = tl.where(index < 0, -0x7FFFFFFFFFFFFFFF - 1, key)
+    else:
+        bits = (value + 0.0).to(tl.int32, bitcast=True)
+        key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = tl.where(value != value, 0x7FFFFFFF, key)
+        key = tl.where(index < 0, -0x7FFFFFFF - 1, key)
+    return key
+
+
+@triton.jit
+def _union_matches(
+    start,
+    extent,
+    q,
+    n: tl.constexpr,
+    fine_n: tl.constexpr,
+    size,
+    ok,
+    ROI: tl.constexpr,
+    BIN_DTYPE: tl.constexpr,
+):
+    """Whether bin ``q`` of ``n`` spans exactly the bins of ``fine_n`` it contains."""
+    r: tl.constexpr = fine_n // n
+    lo, hi = _edges(start, extent, q, n, size, ok, ROI, BIN_DTYPE)
+    flo, _ = _edges(start, extent, q * r, fine_n, size, ok, ROI, BIN_DTYPE)
+    _, fhi = _edges(start, extent, q * r + r - 1, fine_n, size, ok, ROI, BIN_DTYPE)
+    return (lo == flo) & (hi == fhi)
+
+
+@triton.jit
+def _nested(
+    row0,
+    rows,
+    col0,
+    cols,
+    H,
+    W,
+    ok,
+    LH: tl.constexpr,
+    LW: tl.constexpr,
+    ROLE: tl.constexpr,
+    GROUP: tl.constexpr,
+    ROI: tl.constexpr,
+    BIN_DTYPE: tl.constexpr,
+):
+    """Whether every coarse bin's edges equal the union of its finest cells' (RoI partition:
+    float edges may not nest; the adaptive partition always does)."""
+    nested = ok | (ok == 0)  # a scalar True
+    if ROI:
+        for lv in tl.static_range(len(LH)):
+            if ROLE[lv] == _COARSE:
+                nested = nested & _axis_nests(
+                    row0, rows, H, ok, LH[lv], LH[GROUP[lv]], ROI, BIN_DTYPE
+                )
+                nested = nested & _axis_nests(
+                    col0, cols, W, ok, LW[lv], LW[GROUP[lv]], ROI, BIN_DTYPE
+                )
+    return nested
+
+
+@triton.jit
+def _axis_nests(
+    start,
+    extent,
+    size,
+    ok,
+    N: tl.constexpr,
+    FINE_N: tl.constexpr,
+    ROI: tl.constexpr,
+    BIN_DTYPE: tl.constexpr,
+):
+    """Whether every bin of ``N`` on this axis spans exactly the ``FINE_N`` bins it contains.
+
+    (Level sizes reach the static loops as constexpr parameters: Triton 3.6 does not treat an
+    element of a constexpr tuple as a constexpr.)"""
+    nests = ok | (ok == 0)
+    for q in tl.static_range(N):
+        nests = nests & _union_matches(start, extent, q, N, FINE_N, size, ok, ROI, BIN_DTYPE)
+    return nests
+
+
+@triton.jit
+def _fold(acc_k, acc_i, acc_v, j, key, index, value, BIN: tl.constexpr):
+    """Fold one cell ``(key, index, value)`` (``[1, BLOCK_C]``) into accumulator row ``BIN``:
+    a larger key wins, an equal key goes to the smaller (earlier in row-major order) index."""
+    better = (j == BIN) & ((key > acc_k) | ((key == acc_k) & (index < acc_i)))
+    acc_k = tl.where(better, key, acc_k)
+    acc_i = tl.where(better, index, acc_i)
+    acc_v = tl.where(better, value[None, :], acc_v)
+    return acc_k, acc_i, acc_v
+
+
+@triton.jit
+def _pool_nested_group(
+    out_ptr,
+    argmax_ptr,
+    out_base,
+    C,
+    n_rows,
+    c64,
+    cmask,
+    plane,
+    s_h,
+    s_w,
+    H,
+    W,
+    ok,
+    row0,
+    rows,
+    col0,
+    cols,
+    G: tl.constexpr,
+    FH: tl.constexpr,
+    FW: tl.constexpr,
+    LH: tl.constexpr,
+    LW: tl.constexpr,
+    POFF: tl.constexpr,
+    ROLE: tl.constexpr,
+    GROUP: tl.constexpr,
+    ACC_ROW: tl.constexpr,
+    ACC_ROWS: tl.constexpr,
+    ROI: tl.constexpr,
+    WITH_ARGMAX: tl.constexpr,
+    UNIT_W: tl.constexpr,
+    BIN_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Level ``G`` cell by cell (rows ``[0, n_rows)``, a runtime loop; columns unrolled), each
+    cell stored and folded into the current row of bins of every coarse level of its group.
+
+    The accumulators hold one row of bins per coarse level (rows ``ACC_ROW[l] + pw``, in-thread);
+    a coarse row is stored and reset after the last cell row it covers.
+    """
+    out_ty = out_ptr.dtype.element_ty
+    j = tl.arange(0, ACC_ROWS)[:, None]
+    if ACC_DTYPE == tl.float64:
+        empty_key = -(2**63)
+        acc_k = tl.full([ACC_ROWS, BLOCK_C], empty_key, tl.int64)
+    else:
+        empty_key = -(2**31)
+        acc_k = tl.full([ACC_ROWS, BLOCK_C], empty_key, tl.int32)
+    acc_i = tl.full([ACC_ROWS, BLOCK_C], _BIG, tl.int32)
+    acc_v = tl.zeros([ACC_ROWS, BLOCK_C], ACC_DTYPE)
+    for p in range(0, n_rows):
+        rlo, rhi = _edges(row0, rows, p, FH, H, ok, ROI, BIN_DTYPE)
+        for q in tl.static_range(FW):
+            clo, chi = _edges(col0, cols, q, FW, W, ok, ROI, BIN_DTYPE)
+            v, i = _rect_max(plane, s_h, s_w, W, rlo, rhi, clo, chi, UNIT_W, ACC_DTYPE, BLOCK_C)
+            dst = out_base + POFF[G] * C + c64 * (FH * FW) + (p * FW + q)
+            tl.store(out_ptr + dst, tl.where(i >= 0, v, 0.0).to(out_ty), mask=cmask)
+            if WITH_ARGMAX:
+                tl.store(argmax_ptr + dst, i, mask=cmask)
+            key = _order_key(v, i, ACC_DTYPE)[None, :]
+            ii = tl.where(i >= 0, i, _BIG)[None, :]
+            for lv in tl.static_range(len(LH)):
+                if ROLE[lv] == _COARSE and GROUP[lv] == G:
+                    acc_k, acc_i, acc_v = _fold(
+                        acc_k, acc_i, acc_v, j, key, ii, v, ACC_ROW[lv] + q // (FW // LW[lv])
+                    )
+        for lv in tl.static_range(len(LH)):
+            if ROLE[lv] == _COARSE and GROUP[lv] == G:
+                done = (p % (FH // LH[lv])) == (FH // LH[lv]) - 1  # last cell row of a bin row
+                _store_coarse_row(
+                    out_ptr,
+                    argmax_ptr,
+                    out_base
+                    + POFF[lv] * C
+                    + c64 * (LH[lv] * LW[lv])
+                    + (p // (FH // LH[lv])) * LW[lv],
+                    cmask & done,
+                    j,
+                    acc_i,
+                    acc_v,
+                    ACC_ROW[lv],
+                    LW[lv],
+                    WITH_ARGMAX,
+                    ACC_DTYPE,
+                )
+                mine = (j >= ACC_ROW[lv]) & (j < ACC_ROW[lv] + LW[lv])
+                acc_k = tl.where(mine & done, empty_key, acc_k)
+                acc_i = tl.where(mine & done, _BIG, acc_i)
+
+
+@triton.jit
+def _store_coarse_row(
+    out_ptr,
+    argmax_ptr,
+    row_dst,
+    mask,
+    j,
+    acc_i,
+    acc_v,
+    ROW0: tl.constexpr,
+    BW: tl.constexpr,
+    WITH_ARGMAX: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Store accumulator rows ``[ROW0, ROW0 + BW)`` (one row of a coarse level's bins) at
+    ``row_dst + pw``; each row is read in-thread, its value bits exactly."""
+    for pw in tl.static_range(BW):
+        sel = j == ROW0 + pw
+        idx = tl.sum(tl.where(sel, acc_i, 0), axis=0)
+        if ACC_DTYPE == tl.float64:
+            bits = tl.sum(tl.where(sel, acc_v.to(tl.int64, bitcast=True), 0), axis=0)
+            val = bits.to(tl.float64, bitcast=True)
+        else:
+            bits = tl.sum(tl.where(sel, acc_v.to(tl.int32, bitcast=True), 0), axis=0)
+            val = bits.to(tl.float32, bitcast=True)
+        found = idx != _BIG
+        value = tl.where(found, val, 0.0).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row_dst + pw, value, mask=mask)
+        if WITH_ARGMAX:
+            tl.store(argmax_ptr + row_dst + pw, tl.where(found, idx, -1), mask=mask)
+
+
+@triton.jit
+def _bin_edges_rt(
+    row0,
+    rows,
+    col0,
+    cols,
+    t,
+    H,
+    W,
+    ok,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    ROI: tl.constexpr,
+    BIN_DTYPE: tl.constexpr,
+):
+    """Clipped edges ``(rlo, rhi, clo, chi)`` of bin ``t`` (runtime, row-major) of a level;
+    empty unless ``ok``."""
+    ph = t // BW
+    pw = t % BW
+    if ROI:
+        rlo, rhi = roi_bin_edges(row0, rows, ph, tl.full([], BH, tl.int32), H, BIN_DTYPE)
+        clo, chi = roi_bin_edges(col0, cols, pw, tl.full([], BW, tl.int32), W, BIN_DTYPE)
+    else:
+        rlo, rhi = adaptive_bin_edges(rows, ph, tl.full([], BH, tl.int32))
+        clo, chi = adaptive_bin_edges(cols, pw, tl.full([], BW, tl.int32))
+    rlo = tl.where(ok, rlo, 0)
+    rhi = tl.where(ok, rhi, 0)
+    return rlo, rhi, clo, chi
+
+
+@triton.jit
+def _pool_level(
+    out_ptr,
+    argmax_ptr,
+    level_base,
+    count,
+    c64,
+    cmask,
+    plane,
+    s_h,
+    s_w,
+    H,
+    W,
+    ok,
+    row0,
+    rows,
+    col0,
+    cols,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    ROI: tl.constexpr,
+    IS_MAX: tl.constexpr,
+    WITH_ARGMAX: tl.constexpr,
+    UNIT_W: tl.constexpr,
+    BIN_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Pool bins ``[0, count)`` of a ``BH x BW`` level directly, one rectangle each."""
+    for t in range(0, count):
+        rlo, rhi, clo, chi = _bin_edges_rt(
+            row0, rows, col0, cols, t, H, W, ok, BH, BW, ROI, BIN_DTYPE
+        )
+        dst = level_base + c64 * (BH * BW) + t
+        if IS_MAX:
+            v, i = _rect_max(plane, s_h, s_w, W, rlo, rhi, clo, chi, UNIT_W, ACC_DTYPE, BLOCK_C)
+            tl.store(
+                out_ptr + dst, tl.where(i >= 0, v, 0.0).to(out_ptr.dtype.element_ty), mask=cmask
+            )
+            if WITH_ARGMAX:
+                tl.store(argmax_ptr + dst, i, mask=cmask)
+        else:
+            s = _rect_sum(plane, s_h, s_w, rlo, rhi, clo, chi, UNIT_W, ACC_DTYPE, BLOCK_C)
+            n = tl.maximum(rhi - rlo, 0) * tl.maximum(chi - clo, 0)
+            mean = tl.where(n > 0, _div(s, tl.maximum(n, 1), ACC_DTYPE), 0.0)
+            tl.store(out_ptr + dst, mean.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _column_tables(
-    LH: tl.constexpr, LW: tl.constexpr, POFF: tl.constexpr, WOFF: tl.constexpr, NCOL: tl.constexpr
-):
-    """Per column bin ``j`` (of ``NCOL``; ``WOFF[l] <= j < WOFF[l] + bw`` for its level ``l``):
-    ``bw``, ``pw`` (its column within the level), ``bh`` and ``POFF[l]`` of its level, ``ok``."""
-    j = tl.arange(0, NCOL)
-    bw = tl.full([NCOL], 1, tl.int32)
-    pw = tl.zeros([NCOL], tl.int32)
-    bh = tl.full([NCOL], 1, tl.int32)  # 1 (not 0) for padding: no division by zero
-    poff = tl.zeros([NCOL], tl.int32)
-    ok = j < 0
-    for lv in tl.static_range(len(LH)):
-        m = (j >= WOFF[lv]) & (j < WOFF[lv] + LW[lv])
-        bw = tl.where(m, LW[lv], bw)
-        pw = tl.where(m, j - WOFF[lv], pw)
-        bh = tl.where(m, LH[lv], bh)
-        poff = tl.where(m, POFF[lv], poff)
-        ok = ok | m
-    return bw, pw, bh, poff, ok
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _pyramid_pool_fwd_kernel(
     out_ptr,
     argmax_ptr,
@@ -243,148 +589,121 @@ def _pyramid_pool_fwd_kernel(
     N,
     C,
     X,
-    XH,
-    XW,
-    XSN,
-    XSC,
-    XSH,
-    XSW,
-    XSCALE,
+    meta_ptr,
+    scale_ptr,
     LH: tl.constexpr,
     LW: tl.constexpr,
     POFF: tl.constexpr,
-    WOFF: tl.constexpr,
-    NR: tl.constexpr,
-    NCOL: tl.constexpr,
+    ROLE: tl.constexpr,
+    GROUP: tl.constexpr,
+    ACC_ROW: tl.constexpr,
+    ACC_ROWS: tl.constexpr,
     NUM_F: tl.constexpr,
     ROI: tl.constexpr,
     IS_MAX: tl.constexpr,
     WITH_ARGMAX: tl.constexpr,
+    UNIT_W: tl.constexpr,
+    EVEN_C: tl.constexpr,
     BIN_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    BLOCK_W: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    if EVEN_C:  # no lane past the channels: no mask to keep alive
+        cmask = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        cmask = c < C
     c64 = c.to(tl.int64)
-
-    # Bin slot (r, j): row bin r of the level owning column bin j, i.e. bin (ph=r, pw) of that
-    # level. Slots with r >= bh of the level (or j past the last level) are unused.
-    bw, pw, bh, poff, col_ok = _column_tables(LH, LW, POFF, WOFF, NCOL)  # [NCOL]
-    r2 = tl.arange(0, NR)[:, None] + tl.zeros([NR, NCOL], tl.int32)  # [NR, NCOL]
-    bh2 = bh[None, :] + tl.zeros([NR, NCOL], tl.int32)
-    slot_ok = (r2 < bh2) & col_ok[None, :]
+    c_read = tl.minimum(c, C - 1).to(tl.int64)  # lanes past C read channel C - 1, store nothing
 
     ok, fi, b, H, W, row0, rows, col0, cols = _region_header(
-        k, reg_ptr, reg_s0, reg_s1, fidx_ptr, fidx_s0, N, XH, XW, XSCALE, NUM_F, ROI, BIN_DTYPE
+        k, reg_ptr, reg_s0, reg_s1, fidx_ptr, fidx_s0, N, meta_ptr, scale_ptr, NUM_F, ROI, BIN_DTYPE
     )
-    rlo, rhi = _edges(row0, rows, r2, bh2, H, ok & slot_ok, ROI, BIN_DTYPE)  # [NR, NCOL]
-    clo, chi = _edges(col0, cols, pw, bw, W, ok & col_ok, ROI, BIN_DTYPE)  # [NCOL]
-    h_lo, h_hi = _span(tl.reshape(rlo, [NR * NCOL]), tl.reshape(rhi, [NR * NCOL]))
-    w_lo, w_hi = _span(clo, chi)
+    row_meta = meta_ptr + fi * _META
+    s_h = tl.load(row_meta + 4)
+    s_w = tl.load(row_meta + 5)
+    plane = _pick(fi, X, NUM_F) + b * tl.load(row_meta + 2) + c_read * tl.load(row_meta + 3)
+    out_base = k * out_row
 
-    x_ptr = _pick(fi, X, NUM_F)
-    s_h = _pick(fi, XSH, NUM_F).to(tl.int64)
-    s_w = _pick(fi, XSW, NUM_F).to(tl.int64)
-    plane = x_ptr + b * _pick(fi, XSN, NUM_F) + c64 * _pick(fi, XSC, NUM_F)  # [BLOCK_C]
-
-    wr = tl.arange(0, BLOCK_W)
-    if IS_MAX:
-        acc_v = tl.full([BLOCK_C, NR, NCOL], float("-inf"), ACC_DTYPE)
-        acc_i = tl.full([BLOCK_C, NR, NCOL], -1, tl.int32)
-        acc_n = acc_i > 0  # all false: acc holds a NaN
-    else:
-        acc_s = tl.zeros([BLOCK_C, NR, NCOL], ACC_DTYPE)
-
-    for h in range(h_lo, h_hi):
-        row_on = ((rlo <= h) & (h < rhi))[None, :, :]  # slots whose rows contain h
-        row_ptr = plane + h * s_h  # s_h is int64
-        # Per column bin, over this row: max -- NaN-free maximum and key (column of the first
-        # NaN, else column + _NAN_OFF of the first maximum, else _BIG); avg -- sum.
-        if IS_MAX:
-            row_v = tl.full([BLOCK_C, NCOL], float("-inf"), ACC_DTYPE)
-            row_k = tl.full([BLOCK_C, NCOL], _BIG, tl.int32)
-        else:
-            row_s = tl.zeros([BLOCK_C, NCOL], ACC_DTYPE)
-        for w0 in range(w_lo, w_hi, BLOCK_W):
-            w = w0 + wr
-            x = tl.load(
-                row_ptr[:, None] + (w.to(tl.int64) * s_w)[None, :],
-                mask=cmask[:, None] & (w < w_hi)[None, :],
-                other=0.0,
-            ).to(ACC_DTYPE)
-            inb = ((clo[:, None] <= w[None, :]) & (w[None, :] < chi[:, None]))[None, :, :]
-            x3 = x[:, None, :]  # [BLOCK_C, 1, BLOCK_W] against [1, NCOL, BLOCK_W]
-            if IS_MAX:
-                w3 = w[None, None, :]
-                isnan = x3 != x3
-                mx = tl.max(tl.where(inb & (x3 == x3), x3, float("-inf")), axis=2)
-                key = tl.where(
-                    inb & isnan,
-                    w3,
-                    tl.where(inb & (x3 == mx[:, :, None]), w3 + _NAN_OFF, _BIG),
+    # Nested max levels: the finest level's cells, folded into the coarse bins of their group.
+    fast = _nested(row0, rows, col0, cols, H, W, ok, LH, LW, ROLE, GROUP, ROI, BIN_DTYPE)
+    if ACC_ROWS > 0:
+        for g in tl.static_range(len(LH)):
+            if ROLE[g] == _FINE:
+                _pool_nested_group(
+                    out_ptr,
+                    argmax_ptr,
+                    out_base,
+                    C,
+                    tl.where(fast, LH[g], 0),
+                    c64,
+                    cmask,
+                    plane,
+                    s_h,
+                    s_w,
+                    H,
+                    W,
+                    ok,
+                    row0,
+                    rows,
+                    col0,
+                    cols,
+                    g,
+                    LH[g],
+                    LW[g],
+                    LH,
+                    LW,
+                    POFF,
+                    ROLE,
+                    GROUP,
+                    ACC_ROW,
+                    ACC_ROWS,
+                    ROI,
+                    WITH_ARGMAX,
+                    UNIT_W,
+                    BIN_DTYPE,
+                    ACC_DTYPE,
+                    BLOCK_C,
                 )
-                first = tl.min(key, axis=2)  # [BLOCK_C, NCOL]
-                # Tiles come left to right: strict '>' keeps the earlier maximum.
-                t_nan = first < _NAN_OFF
-                r_nan = row_k < _NAN_OFF
-                take = (first < _BIG) & (
-                    (row_k == _BIG) | (t_nan & ~r_nan) | (~t_nan & ~r_nan & (mx > row_v))
-                )
-                row_v = tl.where(take, mx, row_v)
-                row_k = tl.where(take, first, row_k)
-            else:
-                row_s += tl.sum(tl.where(inb, x3, 0.0), axis=2)  # [BLOCK_C, NCOL]
-        # Fold the row into the slots whose rows contain h: a broadcast over r, no gather.
-        if IS_MAX:
-            cand_v = row_v[:, None, :]
-            cand_k = row_k[:, None, :]
-            cand_n = cand_k < _NAN_OFF
-            cand_w = tl.where(cand_n, cand_k, cand_k - _NAN_OFF)
-            # Rows come top to bottom: strict '>' keeps the earlier maximum.
-            better = (
-                row_on
-                & (cand_k < _BIG)
-                & ((acc_i < 0) | (cand_n & ~acc_n) | (~cand_n & ~acc_n & (cand_v > acc_v)))
-            )
-            acc_v = tl.where(better, cand_v, acc_v)
-            acc_n = tl.where(better, cand_n, acc_n)
-            acc_i = tl.where(better, h * W + cand_w, acc_i)
-        else:
-            acc_s += tl.where(row_on, row_s[:, None, :], 0.0)
 
-    # out[k, C * POFF[l] + c * bh * bw + r * bw + pw]
-    dst = (
-        k * out_row
-        + (poff.to(tl.int64) * C)[None, None, :]
-        + c64[:, None, None] * (bh * bw)[None, None, :]
-        + (r2 * bw[None, :] + pw[None, :])[None, :, :]
-    )
-    smask = cmask[:, None, None] & slot_ok[None, :, :]
-    if IS_MAX:
-        found = acc_i >= 0
-        wdiv = tl.maximum(W, 1)
-        sel_h = (acc_i // wdiv).to(tl.int64)
-        sel_w = (acc_i % wdiv).to(tl.int64)
-        # Re-read the selected element: the output is that element bit for bit.
-        val = tl.load(
-            plane[:, None, None] + sel_h * s_h + sel_w * s_w,
-            mask=found & cmask[:, None, None],
-            other=0.0,
+    # Every other level (and the nested ones where the float partition does not nest): bin by
+    # bin, each bin its own rectangle.
+    for lv in tl.static_range(len(LH)):
+        if ROLE[lv] == _DIRECT:
+            count = tl.full([], LH[lv] * LW[lv], tl.int32)
+        else:
+            count = tl.where(fast, 0, LH[lv] * LW[lv])
+        _pool_level(
+            out_ptr,
+            argmax_ptr,
+            out_base + POFF[lv] * C,
+            count,
+            c64,
+            cmask,
+            plane,
+            s_h,
+            s_w,
+            H,
+            W,
+            ok,
+            row0,
+            rows,
+            col0,
+            cols,
+            LH[lv],
+            LW[lv],
+            ROI,
+            IS_MAX,
+            WITH_ARGMAX,
+            UNIT_W,
+            BIN_DTYPE,
+            ACC_DTYPE,
+            BLOCK_C,
         )
-        tl.store(out_ptr + dst, val.to(out_ptr.dtype.element_ty), mask=smask)
-        if WITH_ARGMAX:
-            tl.store(argmax_ptr + dst, acc_i, mask=smask)
-    else:
-        count = (rhi - rlo) * (chi - clo)[None, :]  # [NR, NCOL]; 0 for empty bins
-        mean = _div(acc_s, tl.maximum(count, 1)[None, :, :], ACC_DTYPE)
-        mean = tl.where((count > 0)[None, :, :], mean, 0.0)
-        tl.store(out_ptr + dst, mean.to(out_ptr.dtype.element_ty), mask=smask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _pyramid_pool_bwd_max_kernel(
     grad_ptr,
     g_s0,
@@ -400,48 +719,62 @@ def _pyramid_pool_bwd_max_kernel(
     N,
     C,
     G,
-    GSN,
-    GSC,
-    GSH,
-    GSW,
-    XH,
-    XW,
-    XSCALE,
+    meta_ptr,
     LH: tl.constexpr,
     LW: tl.constexpr,
     POFF: tl.constexpr,
-    WOFF: tl.constexpr,
-    NBINS: tl.constexpr,
     NUM_F: tl.constexpr,
     ROI: tl.constexpr,
+    DENSE: tl.constexpr,
     BIN_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
-    c64 = c.to(tl.int64)
-
-    loff, lsize, bin_ok = _flat_bin_tables(LH, LW, POFF, NBINS)
-    ok, fi, b, H, W, row0, rows, col0, cols = _region_header(
-        k, reg_ptr, reg_s0, reg_s1, fidx_ptr, fidx_s0, N, XH, XW, XSCALE, NUM_F, ROI, BIN_DTYPE
-    )
-    i = tl.arange(0, NBINS)
-    pos = (loff.to(tl.int64) * C)[None, :] + c64[:, None] * lsize[None, :] + (i - loff)[None, :]
-    m = cmask[:, None] & bin_ok[None, :] & ok
-    a = tl.load(argmax_ptr + k * a_s0 + pos * a_s1, mask=m, other=-1)
-    g = tl.load(grad_ptr + k * g_s0 + pos * g_s1, mask=m, other=0.0).to(ACC_DTYPE)
+    pos = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # flat position in out[k]
+    # Channel of each position: its level's block starts at C * POFF[l], bh * bw per channel.
+    chan = tl.zeros([BLOCK], tl.int32)
+    inside = pos < 0
+    for lv in tl.static_range(len(LH)):
+        rel = pos - C * POFF[lv]
+        here = (rel >= 0) & (rel < C * (LH[lv] * LW[lv]))
+        chan = tl.where(here, rel // (LH[lv] * LW[lv]), chan)
+        inside = inside | here
+    fi = tl.load(fidx_ptr + k * fidx_s0).to(tl.int64)
+    ok = (fi >= 0) & (fi < NUM_F)
+    fi = tl.where(ok, fi, 0)
+    row_ptr = reg_ptr + k * reg_s0
+    if ROI:
+        bf = tl.load(row_ptr).to(BIN_DTYPE)
+        ok = ok & (bf > -1.0) & (bf < N)
+        b = tl.where(ok, bf, 0.0).to(tl.int64)
+    else:
+        bi = tl.load(row_ptr).to(tl.int64)
+        ok = ok & (bi >= 0) & (bi < N)
+        b = tl.where(ok, bi, 0)
+    row_meta = meta_ptr + fi * _META
+    H = tl.load(row_meta).to(tl.int32)
+    W = tl.load(row_meta + 1).to(tl.int32)
+    m = inside & ok
+    a = tl.load(argmax_ptr + k * a_s0 + pos.to(tl.int64) * a_s1, mask=m, other=-1)
+    g = tl.load(grad_ptr + k * g_s0 + pos.to(tl.int64) * g_s1, mask=m, other=0.0).to(ACC_DTYPE)
     hit = m & (a >= 0) & (a < H * W)
-    wdiv = tl.maximum(W, 1)
-    sel_h = (a // wdiv).to(tl.int64)
-    sel_w = (a % wdiv).to(tl.int64)
-    plane = _pick(fi, G, NUM_F) + b * _pick(fi, GSN, NUM_F) + c64 * _pick(fi, GSC, NUM_F)
-    dst = plane[:, None] + sel_h * _pick(fi, GSH, NUM_F) + sel_w * _pick(fi, GSW, NUM_F)
-    tl.atomic_add(dst, g, mask=hit)
+    plane = (
+        _pick(fi, G, NUM_F) + b * tl.load(row_meta + 2) + chan.to(tl.int64) * tl.load(row_meta + 3)
+    )
+    if DENSE:  # the buffer's planes are dense rows: the argmax is the offset
+        dst = plane + a.to(tl.int64)
+    else:
+        wdiv = tl.maximum(W, 1)
+        dst = (
+            plane
+            + (a // wdiv).to(tl.int64) * tl.load(row_meta + 4)
+            + (a % wdiv).to(tl.int64) * tl.load(row_meta + 5)
+        )
+    tl.atomic_add(dst, g, mask=hit, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _pyramid_pool_bwd_avg_kernel(
     grad_ptr,
     g_s0,
@@ -454,72 +787,98 @@ def _pyramid_pool_bwd_avg_kernel(
     N,
     C,
     G,
-    GSN,
-    GSC,
-    GSH,
-    GSW,
-    XH,
-    XW,
-    XSCALE,
+    meta_ptr,
+    scale_ptr,
     LH: tl.constexpr,
     LW: tl.constexpr,
     POFF: tl.constexpr,
-    WOFF: tl.constexpr,
-    NR: tl.constexpr,
-    NCOL: tl.constexpr,
     NUM_F: tl.constexpr,
     ROI: tl.constexpr,
+    UNIT_W: tl.constexpr,
+    EVEN_C: tl.constexpr,
     BIN_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    BLOCK_W: tl.constexpr,
 ):
     k = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    if EVEN_C:  # no lane past the channels: no mask to keep alive
+        cmask = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        cmask = c < C
     c64 = c.to(tl.int64)
-
-    # Same (row slot, column bin) layout as the forward.
-    bw, pw, bh, poff, col_ok = _column_tables(LH, LW, POFF, WOFF, NCOL)  # [NCOL]
-    r2 = tl.arange(0, NR)[:, None] + tl.zeros([NR, NCOL], tl.int32)  # [NR, NCOL]
-    bh2 = bh[None, :] + tl.zeros([NR, NCOL], tl.int32)
-    slot_ok = (r2 < bh2) & col_ok[None, :]
     ok, fi, b, H, W, row0, rows, col0, cols = _region_header(
-        k, reg_ptr, reg_s0, reg_s1, fidx_ptr, fidx_s0, N, XH, XW, XSCALE, NUM_F, ROI, BIN_DTYPE
+        k, reg_ptr, reg_s0, reg_s1, fidx_ptr, fidx_s0, N, meta_ptr, scale_ptr, NUM_F, ROI, BIN_DTYPE
     )
-    rlo, rhi = _edges(row0, rows, r2, bh2, H, ok & slot_ok, ROI, BIN_DTYPE)  # [NR, NCOL]
-    clo, chi = _edges(col0, cols, pw, bw, W, ok & col_ok, ROI, BIN_DTYPE)  # [NCOL]
-    h_lo, h_hi = _span(tl.reshape(rlo, [NR * NCOL]), tl.reshape(rhi, [NR * NCOL]))
-    w_lo, w_hi = _span(clo, chi)
+    row_meta = meta_ptr + fi * _META
+    s_h = tl.load(row_meta + 4)
+    s_w = tl.load(row_meta + 5)
+    plane = _pick(fi, G, NUM_F) + b * tl.load(row_meta + 2) + c64 * tl.load(row_meta + 3)
+    for lv in tl.static_range(len(LH)):
+        _spread_level(
+            grad_ptr + k * g_s0,
+            g_s1,
+            (POFF[lv] * C + c64 * (LH[lv] * LW[lv])),
+            tl.where(ok, LH[lv] * LW[lv], 0),
+            cmask,
+            plane,
+            s_h,
+            s_w,
+            H,
+            W,
+            ok,
+            row0,
+            rows,
+            col0,
+            cols,
+            LH[lv],
+            LW[lv],
+            ROI,
+            UNIT_W,
+            BIN_DTYPE,
+            ACC_DTYPE,
+        )
 
-    pos = (
-        (poff.to(tl.int64) * C)[None, None, :]
-        + c64[:, None, None] * (bh * bw)[None, None, :]
-        + (r2 * bw[None, :] + pw[None, :])[None, :, :]
-    )
-    count = (rhi - rlo) * (chi - clo)[None, :]  # [NR, NCOL]; 0 for empty and unused slots
-    m = cmask[:, None, None] & (count > 0)[None, :, :]
-    g = tl.load(grad_ptr + k * g_s0 + pos * g_s1, mask=m, other=0.0).to(ACC_DTYPE)
-    share = tl.where(m, _div(g, tl.maximum(count, 1)[None, :, :], ACC_DTYPE), 0.0)
 
-    plane = _pick(fi, G, NUM_F) + b * _pick(fi, GSN, NUM_F) + c64 * _pick(fi, GSC, NUM_F)
-    s_h = _pick(fi, GSH, NUM_F).to(tl.int64)
-    s_w = _pick(fi, GSW, NUM_F).to(tl.int64)
-    wr = tl.arange(0, BLOCK_W)
-    for h in range(h_lo, h_hi):
-        # Per column bin: the summed share of the slots whose rows contain h.
-        row_on = ((rlo <= h) & (h < rhi))[None, :, :]
-        col_share = tl.sum(tl.where(row_on, share, 0.0), axis=1)  # [BLOCK_C, NCOL]
-        row_ptr = plane + h * s_h  # s_h is int64
-        for w0 in range(w_lo, w_hi, BLOCK_W):
-            w = w0 + wr
-            inb = ((clo[:, None] <= w[None, :]) & (w[None, :] < chi[:, None]))[None, :, :]
-            contrib = tl.sum(tl.where(inb, col_share[:, :, None], 0.0), axis=1)  # [BC, BW]
-            tl.atomic_add(
-                row_ptr[:, None] + (w.to(tl.int64) * s_w)[None, :],
-                contrib,
-                mask=cmask[:, None] & (w < w_hi)[None, :],
-            )
+@triton.jit
+def _spread_level(
+    grad_row,
+    g_s1,
+    level_pos,
+    count,
+    cmask,
+    plane,
+    s_h,
+    s_w,
+    H,
+    W,
+    ok,
+    row0,
+    rows,
+    col0,
+    cols,
+    BH: tl.constexpr,
+    BW: tl.constexpr,
+    ROI: tl.constexpr,
+    UNIT_W: tl.constexpr,
+    BIN_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    """Avg backward of bins ``[0, count)`` of a level: ``g / n`` onto each of a bin's pixels."""
+    for t in range(0, count):
+        rlo, rhi, clo, chi = _bin_edges_rt(
+            row0, rows, col0, cols, t, H, W, ok, BH, BW, ROI, BIN_DTYPE
+        )
+        n = tl.maximum(rhi - rlo, 0) * tl.maximum(chi - clo, 0)
+        g = tl.load(grad_row + (level_pos + t) * g_s1, mask=cmask & (n > 0), other=0.0)
+        share = _div(g.to(ACC_DTYPE), tl.maximum(n, 1), ACC_DTYPE)
+        for h in range(rlo, rhi):
+            row = plane + h * s_h
+            for w in range(clo, chi):  # the hot loop: one relaxed atomic per element
+                if UNIT_W:
+                    tl.atomic_add(row + w, share, mask=cmask, sem="relaxed")
+                else:
+                    tl.atomic_add(row + w * s_w, share, mask=cmask, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,88 +891,6 @@ _TL_DTYPE = {
     torch.float32: tl.float32,
     torch.float64: tl.float64,
 }
-
-
-def _float_bits(x: float) -> int:
-    """The IEEE float64 bit pattern of ``x`` as a signed int (passed exactly as an i64 arg)."""
-    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-def _level_meta(levels) -> dict:
-    lh = tuple(int(bh) for bh, _ in levels)
-    lw = tuple(int(bw) for _, bw in levels)
-    poff, woff, p, q = [], [], 0, 0
-    for bh, bw in zip(lh, lw, strict=True):
-        poff.append(p)
-        woff.append(q)
-        p += bh * bw
-        q += bw
-    return dict(
-        LH=lh,
-        LW=lw,
-        POFF=tuple(poff),
-        WOFF=tuple(woff),
-        NBINS=triton.next_power_of_2(p),
-        NCOL=triton.next_power_of_2(q),
-        NR=triton.next_power_of_2(max(lh)),
-    )
-
-
-# Register budgets (elements per program, num_warps=4), halved for float64: the accumulators
-# ([BLOCK_C, NR, NCOL] forward, [BLOCK_C, NBINS] backward) and the tile reductions
-# ([BLOCK_C, lanes, BLOCK_W]). Chosen so that ptxas reports no, or few, spills on sm_90 for the
-# usual level sets.
-_ACC_BUDGET = 2048
-_TILE_BUDGET = 4096
-
-
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, int(x)).bit_length() - 1)
-
-
-def _block_c(channels: int, regions: int, slots: int, wide: bool) -> int:
-    """Channels per program: at most 32 and what the accumulator budget allows, fewer (down to
-    4) when there are too few programs to fill a GPU (e.g. whole-image SPP of a small batch)."""
-    budget = (_ACC_BUDGET // 2 if wide else _ACC_BUDGET) // slots
-    block = min(32, triton.next_power_of_2(max(channels, 1)), _pow2_floor(budget))
-    while block > 4 and regions * triton.cdiv(channels, block) < 512:
-        block //= 2
-    return block
-
-
-def _block_w(block_c: int, width: int, lanes: int, wide: bool) -> int:
-    """Columns per tile: keep the ``[BLOCK_C, lanes, BLOCK_W]`` reduction within budget."""
-    budget = (_TILE_BUDGET // 2 if wide else _TILE_BUDGET) // (block_c * lanes)
-    return min(triton.next_power_of_2(max(width, 1)), _pow2_floor(budget))
-
-
-def _map_args(maps: list[torch.Tensor], spatial_scales, partition: str) -> dict:
-    scales = spatial_scales if partition == "roi" else [0.0] * len(maps)
-    return dict(
-        XH=tuple(int(f.shape[2]) for f in maps),
-        XW=tuple(int(f.shape[3]) for f in maps),
-        XSCALE=tuple(_float_bits(s) for s in scales),
-    )
-
-
-def _strides(maps: list[torch.Tensor], prefix: str) -> dict:
-    return {
-        prefix: tuple(maps),
-        prefix + "SN": tuple(int(f.stride(0)) for f in maps),
-        prefix + "SC": tuple(int(f.stride(1)) for f in maps),
-        prefix + "SH": tuple(int(f.stride(2)) for f in maps),
-        prefix + "SW": tuple(int(f.stride(3)) for f in maps),
-    }
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _device_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
 
 
 class Launch(NamedTuple):
@@ -630,6 +907,108 @@ class Launch(NamedTuple):
     outputs: tuple
 
 
+def level_roles(levels, mode: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(ROLE, GROUP)`` per level: how the forward pools it (``DIRECT``, ``FINE``, ``COARSE``)
+    and, for a coarse level, the index of the finest level it is folded from.
+
+    Max only: levels are taken finest first (most bins); a level joins the first group whose
+    finest level it divides on both axes, else it starts a group. A group of one level is direct.
+    """
+    n = len(levels)
+    role, group = [DIRECT] * n, list(range(n))
+    if mode != "max":
+        return tuple(role), tuple(group)
+    order = sorted(range(n), key=lambda i: (-levels[i][0] * levels[i][1], i))
+    finest: list[int] = []
+    for i in order:
+        bh, bw = levels[i]
+        for f in finest:
+            fh, fw = levels[f]
+            if fh % bh == 0 and fw % bw == 0 and (fh, fw) != (bh, bw):
+                group[i] = f
+                break
+        else:
+            finest.append(i)
+    for i in range(n):
+        if group[i] != i:
+            role[i], role[group[i]] = COARSE, FINE
+    return tuple(role), tuple(group)
+
+
+def _level_meta(levels, mode: str) -> dict:
+    lh = tuple(int(bh) for bh, _ in levels)
+    lw = tuple(int(bw) for _, bw in levels)
+    poff, p = [], 0
+    for bh, bw in zip(lh, lw, strict=True):
+        poff.append(p)
+        p += bh * bw
+    role, group = level_roles(list(zip(lh, lw, strict=True)), mode)
+    # Accumulator rows of each coarse level (one row of its bins) in its group's accumulator.
+    acc_row, used = [0] * len(lh), {}
+    for i, r in enumerate(role):
+        if r == COARSE:
+            acc_row[i] = used.get(group[i], 0)
+            used[group[i]] = acc_row[i] + lw[i]
+    rows = max(used.values(), default=0)
+    return dict(
+        LH=lh,
+        LW=lw,
+        POFF=tuple(poff),
+        ROLE=role,
+        GROUP=group,
+        ACC_ROW=tuple(acc_row),
+        ACC_ROWS=triton.next_power_of_2(rows) if rows else 0,
+    )
+
+
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _map_table(maps: list[torch.Tensor], spatial_scales, partition: str, device):
+    """``(meta, scales)``: int64 ``[F, 6]`` (H, W and the four strides) and float64 ``[F]``.
+
+    Cached per device and content (a training run sees few distinct shapes), so a call does not
+    pay a host-to-device copy.
+    """
+    scales = spatial_scales if partition == "roi" else [0.0] * len(maps)
+    rows = tuple((int(f.shape[2]), int(f.shape[3]), *(int(s) for s in f.stride())) for f in maps)
+    key = (str(device), rows, tuple(float(s) for s in scales))
+    hit = _TABLES.get(key)
+    if hit is None:
+        if len(_TABLES) >= 256:
+            _TABLES.clear()
+        meta = torch.tensor(rows, dtype=torch.int64).to(device)
+        scale = torch.tensor(key[2], dtype=torch.float64).to(device)
+        hit = _TABLES[key] = (meta, scale)
+    return hit
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _device_ctx(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _block_c(channels: int, regions: int) -> int:
+    """Channels (lanes) per program: up to 128, fewer (down to 32) when there are too few
+    programs to fill a GPU, and no more than the channels rounded up to a power of two."""
+    block = min(128, triton.next_power_of_2(max(channels, 1)))
+    while block > 32 and regions * triton.cdiv(channels, block) < 1024:
+        block //= 2
+    return block
+
+
+_MAX_REGISTERS = 128
+
+
+def _num_warps(block: int) -> int:
+    return max(1, min(4, block // 32))
+
+
 def forward_launch(
     features, regions, feature_index, spatial_scales, levels, mode, partition, with_argmax=True
 ) -> Launch:
@@ -637,16 +1016,15 @@ def forward_launch(
     f0 = features[0]
     n, c = int(f0.shape[0]), int(f0.shape[1])
     k = int(regions.shape[0])
-    meta = _level_meta(levels)
+    meta = _level_meta(levels, mode)
     p = sum(bh * bw for bh, bw in levels)
     is_max = mode == "max"
     with_argmax = with_argmax and is_max
     out = torch.empty((k, c * p), dtype=f0.dtype, device=f0.device)
     argmax = torch.empty((k, c * p) if with_argmax else (0,), dtype=torch.int32, device=f0.device)
     acc = _acc_dtype(f0.dtype)
-    wide = acc == torch.float64
-    block_c = _block_c(c, k, meta["NR"] * meta["NCOL"], wide)
-    max_w = max(int(f.shape[3]) for f in features)
+    table, scales = _map_table(features, spatial_scales, partition, f0.device)
+    block_c = _block_c(c, k)
     args = (
         out,
         argmax if with_argmax else out,
@@ -658,19 +1036,25 @@ def forward_launch(
         int(feature_index.stride(0)),
         n,
         c,
+        tuple(features),
+        table,
+        scales,
     )
     kwargs = dict(
-        **_strides(features, "X"),
-        **_map_args(features, spatial_scales, partition),
-        **{name: meta[name] for name in ("LH", "LW", "POFF", "WOFF", "NR", "NCOL")},
+        **meta,
         NUM_F=len(features),
         ROI=partition == "roi",
         IS_MAX=is_max,
         WITH_ARGMAX=with_argmax,
+        UNIT_W=all(int(f.stride(3)) == 1 for f in features),
+        EVEN_C=c % block_c == 0,
         BIN_DTYPE=_TL_DTYPE[acc],
         ACC_DTYPE=_TL_DTYPE[acc],
         BLOCK_C=block_c,
-        BLOCK_W=_block_w(block_c, max_w, meta["NCOL"], wide),
+        num_warps=_num_warps(block_c),
+        # A register ceiling makes ptxas allocate freely below it; without one it keeps some of
+        # these kernels at 80 registers and spills predicates to the stack.
+        maxnreg=_MAX_REGISTERS,
     )
     grid = (k, triton.cdiv(c, block_c))
     return Launch(_pyramid_pool_fwd_kernel, grid, args, kwargs, (out, argmax))
@@ -716,6 +1100,9 @@ def _grad_buffer(f: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(f.shape, dtype=dtype, device=f.device, memory_format=fmt).zero_()
 
 
+_BWD_MAX_BLOCK = 512
+
+
 def backward_launch(
     grad_out, features, regions, feature_index, spatial_scales, levels, mode, partition, argmax
 ) -> Launch:
@@ -726,21 +1113,8 @@ def backward_launch(
     k = int(regions.shape[0])
     acc = _acc_dtype(f0.dtype)
     bufs = [_grad_buffer(f, acc) for f in features]
-    meta = _level_meta(levels)
-    wide = acc == torch.float64
-    is_max = mode == "max"
-    block_c = _block_c(c, k, meta["NBINS"] if is_max else meta["NR"] * meta["NCOL"], wide)
-    bins_meta = ("NBINS",) if is_max else ("NR", "NCOL")
-    kwargs = dict(
-        **_strides(bufs, "G"),
-        **_map_args(features, spatial_scales, partition),
-        **{name: meta[name] for name in ("LH", "LW", "POFF", "WOFF") + bins_meta},
-        NUM_F=len(features),
-        ROI=partition == "roi",
-        BIN_DTYPE=_TL_DTYPE[acc],
-        ACC_DTYPE=_TL_DTYPE[acc],
-        BLOCK_C=block_c,
-    )
+    meta = _level_meta(levels, "avg")  # LH, LW, POFF
+    table, scales = _map_table(bufs, spatial_scales, partition, f0.device)
     region_args = (
         regions,
         int(regions.stride(0)),
@@ -751,15 +1125,39 @@ def backward_launch(
         c,
     )
     grad_args = (grad_out, int(grad_out.stride(0)), int(grad_out.stride(1)))
-    grid = (k, triton.cdiv(c, block_c))
-    if is_max:
+    common = dict(
+        LH=meta["LH"],
+        LW=meta["LW"],
+        POFF=meta["POFF"],
+        NUM_F=len(features),
+        ROI=partition == "roi",
+        BIN_DTYPE=_TL_DTYPE[acc],
+        ACC_DTYPE=_TL_DTYPE[acc],
+    )
+    if mode == "max":
+        p = sum(bh * bw for bh, bw in levels)
+        block = min(_BWD_MAX_BLOCK, triton.next_power_of_2(max(c * p, 1)))
+        dense = all(b.is_contiguous() for b in bufs)
         kernel = _pyramid_pool_bwd_max_kernel
-        args = grad_args + (argmax, int(argmax.stride(0)), int(argmax.stride(1))) + region_args
+        args = grad_args + (argmax, int(argmax.stride(0)), int(argmax.stride(1)))
+        args += region_args + (tuple(bufs), table)
+        kwargs = dict(
+            common, DENSE=dense, BLOCK=block, num_warps=_num_warps(block), maxnreg=_MAX_REGISTERS
+        )
+        grid = (k, triton.cdiv(c * p, block))
     else:
+        block_c = _block_c(c, k)
         kernel = _pyramid_pool_bwd_avg_kernel
-        args = grad_args + region_args
-        max_w = max(int(f.shape[3]) for f in features)
-        kwargs["BLOCK_W"] = _block_w(block_c, max_w, meta["NCOL"], wide)
+        args = grad_args + region_args + (tuple(bufs), table, scales)
+        kwargs = dict(
+            common,
+            UNIT_W=all(int(b.stride(3)) == 1 for b in bufs),
+            EVEN_C=c % block_c == 0,
+            BLOCK_C=block_c,
+            num_warps=_num_warps(block_c),
+            maxnreg=_MAX_REGISTERS,
+        )
+        grid = (k, triton.cdiv(c, block_c))
     return Launch(kernel, grid, args, kwargs, tuple(bufs))
 
 
