@@ -168,3 +168,37 @@ def test_cli_lists_variants(capsys):
         "fwd-avg-7x7-fpn4-fp32-nhwc",
         "fwd-avg-7x7-fpn4-bf16-nhwc",
     ]
+
+
+# Three innermost loops: two copies of a x4-unrolled body (4 loads, 6 instructions) and one
+# remainder loop (1 load, 3 instructions); the main loop is the unrolled one, the remainder is
+# listed apart.
+_UNROLLED = """
+        /*{a0:04x}*/                   LDG.E R4, desc[UR6][R8.64] ;
+        /*{a1:04x}*/                   LDG.E R5, desc[UR6][R8.64+0x4] ;
+        /*{a2:04x}*/                   LDG.E R6, desc[UR6][R8.64+0x8] ;
+        /*{a3:04x}*/                   LDG.E R7, desc[UR6][R8.64+0xc] ;
+        /*{a4:04x}*/                   FMNMX.NAN R2, R2, R4, !PT ;
+        /*{a5:04x}*/               @P1 BRA 0x{a0:x} ;
+"""
+_REMAINDER = """
+        /*{a0:04x}*/                   LDG.E R4, desc[UR6][R8.64] ;
+        /*{a1:04x}*/                   FMNMX.NAN R2, R2, R4, !PT ;
+        /*{a2:04x}*/               @P1 BRA 0x{a0:x} ;
+"""
+
+
+def _block(template: str, start: int) -> str:
+    return template.format(**{f"a{i}": start + 0x10 * i for i in range(6)})
+
+
+def test_main_loop_is_the_unrolled_one():
+    text = "        code for sm_90\n                Function : k\n"
+    text += _block(_UNROLLED, 0x0) + _block(_REMAINDER, 0x60) + _block(_UNROLLED, 0x90)
+    fwd = sass.analyse_function(sass.parse_sass(text)["k"], elem_bytes=4, backward=False)
+    assert fwd["n_hot_loops"] == 3
+    assert fwd["per_element_main"] == pytest.approx(6 / 4)
+    assert fwd["main_loop"]["loaded_elements"] == 4
+    shapes = {(s["instructions"], s["elements"]): s["count"] for s in fwd["loop_shapes"]}
+    assert shapes == {(6, 4): 2, (3, 1): 1}
+    assert fwd["per_element_max"] == pytest.approx(3.0)
