@@ -303,6 +303,45 @@ def test_roi_max_output_sizes(size):
     assert torch.equal(arg, ref_arg)
 
 
+def _nests(extent: int, fine: int, coarse: int) -> bool:
+    """Whether torchvision's float32 partition of ``extent`` pixels nests ``coarse`` in ``fine``."""
+    start, ext = torch.zeros(1, dtype=torch.int64), torch.tensor([extent])
+    flo, fhi = bins.roi_bin_edges(start, ext, fine, 10**6, torch.float32)
+    clo, chi = bins.roi_bin_edges(start, ext, coarse, 10**6, torch.float32)
+    r = fine // coarse
+    return all(
+        clo[0, q] == flo[0, q * r] and chi[0, q] == fhi[0, q * r + r - 1] for q in range(coarse)
+    )
+
+
+def test_roi_max_levels_that_do_not_nest_in_float():
+    """{1, 2, 14} pools the coarse levels from the 14x14 cells, except where the float32 edges
+    do not nest (57 pixels: 2 bins are not unions of 14): there every level is pooled directly."""
+    assert not _nests(57, 14, 2) and _nests(56, 14, 2) and _nests(3, 14, 2)
+    g = gen(40)
+    x = torch.randn(1, 2, 4, 60, generator=g)
+    # Box 0 spans columns 1..57: its last 14-bin cell ends one column (58) past the last 2-bin
+    # and 1-bin bins; a maximum there must reach the 14x14 level only.
+    x[..., 58] = 100.0
+    x[0, 1, 2, 30] = float("nan")
+    boxes = torch.tensor(
+        [[0, 1.0, 0.0, 57.0, 3.0], [0, 2.0, 1.0, 57.0, 2.0], [0, 40.0, 0.0, 42.0, 3.0]]
+    )
+    levels = [(1, 1), (2, 2), (14, 14)]
+    out, arg = run_fwd([x], boxes, levels, "max")
+    slow, slow_arg = slow_pool([x], boxes, levels, "max")
+    assert_bitwise(out, slow.float())
+    assert torch.equal(arg, slow_arg)
+    # Channel 0 has no NaN: torchvision per level is the oracle there.
+    ref, ref_arg = tv_roi_max(x[:, :1], boxes, levels, 1.0)
+    offsets = bins.level_offsets(levels, 2)
+    chan0 = torch.cat(
+        [torch.arange(o, o + bh * bw) for o, (bh, bw) in zip(offsets, levels, strict=True)]
+    )
+    assert_bitwise(out[:, chan0], ref)
+    assert torch.equal(arg[:, chan0], ref_arg)
+
+
 @pytest.mark.parametrize("hw", [(1, 1), (2, 3), (3, 1)])
 def test_roi_max_maps_smaller_than_level(hw):
     g = gen(3)
