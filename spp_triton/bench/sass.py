@@ -44,6 +44,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from spp_triton.compare import git_commit
+
 # ----------------------------------------------------------------------------------------------
 # the variant matrix
 # ----------------------------------------------------------------------------------------------
@@ -908,7 +910,7 @@ def run_report(
         triton=importlib.metadata.version("triton"),
         torchvision=importlib.metadata.version("torchvision"),
         cuobjdump=_tool_version("cuobjdump"),
-        git=_git_state(),
+        git=git_commit(),
         archs=list(archs),
         full_archs=list(full_archs),
         patterns=list(patterns or []),
@@ -920,18 +922,6 @@ def run_report(
 
 def _sizes(maps: str) -> str:
     return ", ".join(f"{h}×{w}" for (h, w), _ in MAP_SETS[maps])
-
-
-def _git_state() -> str:
-    """Short commit of the repository the kernels come from, ``+dirty`` if they are modified."""
-    repo = Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str:
-        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "spp_triton/kernels") else "")
 
 
 def _tool_version(name: str) -> str:
