@@ -1,12 +1,19 @@
 """Train, evaluate and measure several ROI heads from config files; write one report.
 
-What ``tools/compare_heads.py`` runs (``make demo`` runs it on the four ``configs/Shapes`` heads).
-For each config, in ``<output-dir>/<config name>/``:
+What ``spp-triton-compare`` (``tools/compare_heads.py``) runs; ``make demo`` runs it on the four
+``configs/Shapes`` heads. First every config is loaded and checked as ``spp-triton-train`` checks
+it (values, dataset names, a non-empty ``DATASETS.TEST``) and its model is built, so that a bad
+config fails before any training starts. Then, for each config, in
+``<output-dir>/<config name>-<key>/``, where ``<key>`` hashes the run's full resolved training
+config (file chain and overrides, everything but ``OUTPUT_DIR`` and the test settings):
 
-1. **train** with ``tools/train_net.py`` in a subprocess (detectron2's log and ETA lines stream
+1. **train** with ``spp-triton-train`` in a subprocess (detectron2's log and ETA lines stream
    to the terminal; ``log.txt``, ``metrics.json`` and TensorBoard events land in the run folder).
    A run with a ``last_checkpoint`` but no final model is resumed (``--resume``); a finished run
-   (``model_final.pth`` and a matching ``result.json``) is reused as it is.
+   is evaluated again only when its ``result.json`` was made with other test settings. A changed
+   config or override is a different key, hence a fresh run folder: weights are never reused for
+   a config they were not trained with (``run.json`` in each folder records the config; a
+   mismatch is an error).
 2. **evaluate** on the config's test set with detectron2's ``COCOEvaluator`` (AP, AP50, AP75, APs,
    APm, APl) while timing every forward (inference ms/image: median after warm-up).
 3. **measure** the training speed (median of ``metrics.json``'s ``time`` after warm-up, as
@@ -23,7 +30,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,8 +40,20 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAIN_NET = REPO_ROOT / "tools" / "train_net.py"
+from spp_triton.runinfo import git_commit, machine_description
+
+__all__ = [
+    "DEFAULT_CONFIGS",
+    "HeadResult",
+    "Run",
+    "plan_runs",
+    "compare",
+    "write_report",
+    "git_commit",
+    "machine_description",
+]
+
+# Shipped configs (spp_triton.model_zoo.resolve_config finds them from any folder).
 DEFAULT_CONFIGS = [
     "configs/Shapes/faster_rcnn_R_18_FPN_roialignv2.yaml",
     "configs/Shapes/faster_rcnn_R_18_FPN_roipool.yaml",
@@ -43,7 +61,7 @@ DEFAULT_CONFIGS = [
     "configs/Shapes/sppnet_R_18_C4_spp1236.yaml",
 ]
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-RESULT_VERSION = 1
+RESULT_VERSION = 2
 WARMUP_IMAGES = 5
 TRAIN_WARMUP_ITERS = 20
 
@@ -64,6 +82,8 @@ class HeadResult:
     box_head_params: int
     box_head_gflops: float
     flops_uncounted_ops: list[str] = field(default_factory=list)
+    seed: int = -1
+    run_dir: str = ""
     fingerprint: str = ""
 
 
@@ -72,128 +92,209 @@ def _log(msg: str) -> None:
     print(f"[compare_heads] {msg}", flush=True)
 
 
-def run_name(config: str) -> str:
-    return Path(config).stem
+@dataclass
+class Run:
+    """One head's run: its config, where it lives, and the keys that say what it is."""
+
+    config: str  # as the user named it
+    path: str  # the resolved file
+    name: str  # in the report (config stem; parent folder prepended when stems clash)
+    run_dir: Path
+    train_key: str  # sha256 of the resolved training config (OUTPUT_DIR, test settings out)
+    result_key: str  # train_key + the test settings + RESULT_VERSION
+    config_text: str  # the resolved config (yaml), written to run.json
+    max_iter: int
+    seed: int
+    cost: float  # iterations x batch x pixels: longest first when training in parallel
+
+
+def _resolved_cfg(path: str, opts: Sequence[str]):
+    """The full config of a run (file chain + opts), unfrozen, nothing else applied."""
+    from detectron2.config import get_cfg
+
+    from spp_triton.modeling import add_spp_config
+
+    cfg = get_cfg()
+    add_spp_config(cfg)
+    cfg.merge_from_file(path)
+    try:
+        cfg.merge_from_list(list(opts))
+    except AssertionError as e:  # yacs asserts on unknown keys and odd-length lists
+        raise ValueError(f"Invalid config override {list(opts)}: {e}") from e
+    return cfg
+
+
+def _keys(cfg) -> tuple[str, str, str]:
+    """(train key, result key, training config text) of a resolved config."""
+    train = cfg.clone()
+    train.defrost()
+    train.OUTPUT_DIR = ""
+    train.DATASETS.TEST = ()
+    test_text = cfg.TEST.dump() + repr(tuple(cfg.DATASETS.TEST))
+    train.pop("TEST")
+    text = train.dump()
+    train_key = hashlib.sha256(text.encode()).hexdigest()
+    result_key = hashlib.sha256(f"{train_key}\n{test_text}\n{RESULT_VERSION}".encode()).hexdigest()
+    return train_key, result_key, text
 
 
 def fingerprint(config: str, opts: Sequence[str]) -> str:
-    """Identifies a run: the config file chain's text and the opts. A changed config retrains."""
-    h = hashlib.sha256()
-    path = Path(config)
-    seen = set()
-    while path and path.is_file() and path not in seen:
-        seen.add(path)
-        text = path.read_text()
-        h.update(text.encode())
-        base = next(
-            (
-                ln.split(":", 1)[1].strip().strip("\"'")
-                for ln in text.splitlines()
-                if ln.startswith("_BASE_:")
-            ),
-            None,
+    """Identifies a run's training: the sha256 of its full resolved config (file chain, opts)."""
+    from spp_triton.model_zoo import resolve_config
+
+    return _keys(_resolved_cfg(resolve_config(config), opts))[0]
+
+
+def check_config(cfg, config: str) -> None:
+    """The checks ``spp-triton-train`` makes (values, dataset names), a test set to evaluate on,
+    and the model built once; raises ``ValueError`` naming the config and the key."""
+    from detectron2.modeling import build_model
+
+    from spp_triton.modeling import register_datasets, validate_config, validate_datasets
+
+    register_datasets()
+    try:
+        validate_config(cfg)
+        validate_datasets(cfg, train=True, test=True)
+        if len(cfg.DATASETS.TEST) == 0:
+            raise ValueError(
+                "Invalid config: DATASETS.TEST = (): the comparison evaluates every head on "
+                "DATASETS.TEST[0]; name a test dataset (e.g. DATASETS.TEST \"('shapes_val',)\")"
+            )
+        if len(cfg.DATASETS.TRAIN) == 0:
+            raise ValueError("Invalid config: DATASETS.TRAIN = (): nothing to train on")
+        probe = cfg.clone()
+        probe.defrost()
+        probe.MODEL.DEVICE = "cpu"
+        probe.MODEL.WEIGHTS = ""
+        build_model(probe)
+    except (ValueError, KeyError, AssertionError) as e:
+        raise ValueError(f"{config}: {e}") from e
+
+
+def plan_runs(configs: Sequence[str], output_dir: Path, opts: Sequence[str] = ()) -> list[Run]:
+    """Resolve, check and key every config before anything runs. Raises ``FileNotFoundError``
+    for a missing config and ``ValueError`` for an invalid one (naming it)."""
+    from spp_triton.model_zoo import resolve_config
+
+    paths = [resolve_config(c) for c in configs]
+    stems = [Path(p).stem for p in paths]
+    runs = []
+    for config, path, stem in zip(configs, paths, stems, strict=True):
+        cfg = _resolved_cfg(path, opts)
+        check_config(cfg, config)
+        train_key, result_key, text = _keys(cfg)
+        name = stem if stems.count(stem) == 1 else f"{Path(path).parent.name}/{stem}"
+        runs.append(
+            Run(
+                config=config,
+                path=path,
+                name=name,
+                run_dir=output_dir / f"{name.replace('/', '__')}-{train_key[:10]}",
+                train_key=train_key,
+                result_key=result_key,
+                config_text=text,
+                max_iter=int(cfg.SOLVER.MAX_ITER),
+                seed=int(cfg.SEED),
+                cost=cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH * cfg.INPUT.MIN_SIZE_TEST**2,
+            )
         )
-        path = (path.parent / base) if base else None
-    h.update(json.dumps(list(opts)).encode())
-    h.update(str(RESULT_VERSION).encode())
-    return h.hexdigest()[:16]
+    seen: dict[str, str] = {}
+    for run in runs:
+        if str(run.run_dir) in seen:
+            raise ValueError(
+                f"{run.config} and {seen[str(run.run_dir)]} resolve to the same training config; "
+                "list each head once"
+            )
+        seen[str(run.run_dir)] = run.config
+    return runs
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return out + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def machine_description() -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
-        if names:
-            cpu = names[0]
-    except OSError:
-        pass
-    device = (
-        torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else f"CPU ({torch.get_num_threads()} threads)"
+def _claim_run_dir(run: Run) -> None:
+    """Create the run folder with its ``run.json``, or check that an existing one is this run's."""
+    marker = run.run_dir / "run.json"
+    if marker.is_file():
+        recorded = json.loads(marker.read_text())
+        if recorded.get("train_key") != run.train_key:
+            raise RuntimeError(
+                f"{run.run_dir} holds a run of another config ({recorded.get('config')!r}, key "
+                f"{str(recorded.get('train_key'))[:10]}) than {run.config!r} (key "
+                f"{run.train_key[:10]}); move it away or choose another --output-dir"
+            )
+        return
+    if run.run_dir.exists() and any(run.run_dir.iterdir()):
+        raise RuntimeError(
+            f"{run.run_dir} exists without run.json: it cannot be told whose weights it holds; "
+            "move it away or choose another --output-dir"
+        )
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(
+        json.dumps(
+            {
+                "config": run.config,
+                "config_file": run.path,
+                "train_key": run.train_key,
+                "config_yaml": run.config_text,
+            },
+            indent=2,
+        )
     )
-    return {
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {cpu}",
-        "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
 
 
 # ----------------------------------------------------------------------------- train
-def _train_command(config: str, run_dir: Path, opts: Sequence[str], num_gpus: int) -> list[str]:
-    resume = (run_dir / "last_checkpoint").is_file()
-    cmd = [sys.executable, str(TRAIN_NET), "--config-file", config, "--num-gpus", str(num_gpus)]
+def _train_command(run: Run, opts: Sequence[str], num_gpus: int) -> list[str]:
+    resume = (run.run_dir / "last_checkpoint").is_file()
+    cmd = [sys.executable, "-m", "spp_triton.cli.train", "--config-file", run.path]
+    cmd += ["--num-gpus", str(num_gpus)]
     if resume:
         cmd.append("--resume")
     # The report evaluates with its own timing; an empty DATASETS.TEST (last, so that it wins over
     # the opts) skips the trainer's end-of-training evaluation, which would run inference twice.
-    return cmd + [*opts, "OUTPUT_DIR", str(run_dir), "DATASETS.TEST", "()"]
+    return cmd + [*opts, "OUTPUT_DIR", str(run.run_dir), "DATASETS.TEST", "()"]
+
+
+def _child_env(parallel: int) -> dict[str, str]:
+    """The trainings' environment: this spp_triton first on the path (a checkout or a wheel)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    package_parent = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH", "")) if p)
+    if parallel > 1 and not torch.cuda.is_available():
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
+    return env
 
 
 def train_all(
-    jobs: list[tuple[str, Path]], opts: Sequence[str], num_gpus: int = 1, parallel: int = 1
+    runs: Sequence[Run], opts: Sequence[str], num_gpus: int = 1, parallel: int = 1
 ) -> dict[str, float]:
-    """Train (or resume) each ``(config, run_dir)`` in a ``tools/train_net.py`` subprocess, up to
-    ``parallel`` at a time; on CPU each gets ``cores // parallel`` threads. Returns wall times."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if parallel > 1 and not torch.cuda.is_available():
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
-    pending, running, walls = list(jobs), [], {}
+    """Train (or resume) each run in a ``spp-triton-train`` subprocess, up to ``parallel`` at a
+    time; on CPU each gets ``cores // parallel`` threads. Returns wall times by run name."""
+    env = _child_env(parallel)
+    pending, running, walls = list(runs), [], {}
     while pending or running:
         while pending and len(running) < parallel:
-            config, run_dir = pending.pop(0)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cmd = _train_command(config, run_dir, opts, num_gpus)
-            _log(
-                ("resuming" if "--resume" in cmd else "training")
-                + f" {run_name(config)}: "
-                + " ".join(cmd)
-            )
-            running.append(
-                (
-                    config,
-                    run_dir,
-                    subprocess.Popen(cmd, cwd=REPO_ROOT, env=env),
-                    time.perf_counter(),
-                )
-            )
+            run = pending.pop(0)
+            _claim_run_dir(run)
+            cmd = _train_command(run, opts, num_gpus)
+            verb = "resuming" if "--resume" in cmd else "training"
+            _log(f"{verb} {run.name} in {run.run_dir}: " + " ".join(cmd))
+            running.append((run, subprocess.Popen(cmd, env=env), time.perf_counter()))
         time.sleep(1.0)
         for item in list(running):
-            config, run_dir, proc, start = item
+            run, proc, start = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             if proc.returncode != 0:
-                for _, _, other, _ in running:
+                for _, other, _ in running:
                     other.terminate()
+                log = run.run_dir / "log.txt"
+                where = f"see {log}" if log.is_file() else "its output is above (no log.txt yet)"
                 raise RuntimeError(
-                    f"training {config} failed (exit {proc.returncode}); see "
-                    f"{run_dir / 'log.txt'}. Re-run to resume from its last checkpoint."
+                    f"training {run.config} failed (exit {proc.returncode}); {where}. "
+                    "Re-run to resume from its last checkpoint."
                 )
-            walls[config] = time.perf_counter() - start
-            _log(f"{run_name(config)}: training finished in {walls[config] / 60:.1f} min")
+            walls[run.name] = time.perf_counter() - start
+            _log(f"{run.name}: training finished in {walls[run.name] / 60:.1f} min")
     return walls
 
 
@@ -240,25 +341,16 @@ class _TimedModel(torch.nn.Module):
         return out
 
 
-def _load_cfg(config: str, run_dir: Path, opts: Sequence[str]):
-    from detectron2.config import get_cfg
+def _load_cfg(run: Run, opts: Sequence[str]):
+    """The run's config as its training saw it (plus the test set), for evaluation."""
+    from spp_triton.modeling import register_datasets, resolve_device
 
-    from spp_triton.modeling import add_spp_config, register_datasets, resolve_device
-
-    register_datasets()
-    cfg = get_cfg()
-    add_spp_config(cfg)
-    cfg.merge_from_file(config)
-    cfg.merge_from_list(list(opts))
-    cfg.OUTPUT_DIR = str(run_dir)
+    cfg = _resolved_cfg(run.path, opts)
+    cfg.OUTPUT_DIR = str(run.run_dir)
+    register_datasets(cfg)  # the files, if the config uses the embedded datasets
     resolve_device(cfg)
     cfg.freeze()
     return cfg
-
-
-def _training_cost(config: str, run_dir: Path, opts: Sequence[str]) -> float:
-    cfg = _load_cfg(config, run_dir, opts)
-    return cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH * cfg.INPUT.MIN_SIZE_TEST**2
 
 
 def evaluate(cfg, model) -> tuple[dict[str, float], float]:
@@ -370,14 +462,15 @@ def measure_box_head(cfg, model, num_images: int = 8, repeats: int = 10) -> dict
     }
 
 
-def evaluate_and_measure(config: str, run_dir: Path, opts: Sequence[str]) -> dict:
+def evaluate_and_measure(run: Run, opts: Sequence[str]) -> dict:
     from detectron2.checkpoint import DetectionCheckpointer
 
     from spp_triton.modeling import Trainer
 
-    cfg = _load_cfg(config, run_dir, opts)
+    cfg = _load_cfg(run, opts)
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=str(run_dir)).load(str(run_dir / "model_final.pth"))
+    weights = run.run_dir / "model_final.pth"
+    DetectionCheckpointer(model, save_dir=str(run.run_dir)).load(str(weights))
     model.eval()
     ap, infer_ms = evaluate(cfg, model)
     measures = measure_box_head(cfg, model)
@@ -385,9 +478,21 @@ def evaluate_and_measure(config: str, run_dir: Path, opts: Sequence[str]) -> dic
         "ap": ap,
         "infer_ms_per_image": infer_ms,
         "pooler": cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE,
-        "max_iter": cfg.SOLVER.MAX_ITER,
         **measures,
     }
+
+
+def _cached_result(run: Run) -> HeadResult | None:
+    path = run.run_dir / "result.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("fingerprint") != run.result_key:
+        return None
+    try:
+        return HeadResult(**data)
+    except TypeError:  # written by another version of this module
+        return None
 
 
 def compare(
@@ -397,51 +502,50 @@ def compare(
     num_gpus: int = 1,
     parallel: int = 1,
 ) -> list[HeadResult]:
-    """Train what is not trained (``parallel`` runs at a time), then evaluate and measure each
-    head in turn (alone on the machine, so that the timings are comparable)."""
+    """Check every config, train what is not trained (``parallel`` runs at a time), then
+    evaluate and measure each head in turn (alone on the machine, so that timings compare)."""
+    output_dir = Path(output_dir)
+    runs = plan_runs(configs, output_dir, opts)  # raises before anything is trained
     output_dir.mkdir(parents=True, exist_ok=True)
-    for config in configs:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"config file not found: {config}")
     cached: dict[str, HeadResult] = {}
     to_train = []
-    for i, config in enumerate(configs, 1):
-        name, run_dir = run_name(config), output_dir / run_name(config)
-        result_file = run_dir / "result.json"
-        if result_file.is_file():
-            data = json.loads(result_file.read_text())
-            if data.get("fingerprint") == fingerprint(config, opts):
-                _log(f"[{i}/{len(configs)}] {name}: finished run found, reusing {result_file}")
-                cached[config] = HeadResult(**data)
-                continue
-        if not (run_dir / "model_final.pth").is_file():
-            to_train.append((config, run_dir))
+    for i, run in enumerate(runs, 1):
+        result = _cached_result(run)
+        if result is not None:
+            _claim_run_dir(run)  # refuses a folder that is not this run's
+            _log(f"[{i}/{len(runs)}] {run.name}: finished run found, reusing {run.run_dir}")
+            cached[run.name] = result
+        elif not (run.run_dir / "model_final.pth").is_file():
+            to_train.append(run)
+        else:
+            _claim_run_dir(run)
     # Longest first, so that parallel runs end together: cost ~ iterations x batch x pixels.
-    to_train.sort(key=lambda job: -_training_cost(job[0], job[1], opts))
+    to_train.sort(key=lambda r: -r.cost)
     walls = train_all(to_train, opts, num_gpus, parallel) if to_train else {}
 
     results = []
-    for i, config in enumerate(configs, 1):
-        if config in cached:
-            results.append(cached[config])
+    for i, run in enumerate(runs, 1):
+        if run.name in cached:
+            results.append(cached[run.name])
             continue
-        name, run_dir = run_name(config), output_dir / run_name(config)
-        _log(f"[{i}/{len(configs)}] {name}: evaluating and measuring")
-        m = evaluate_and_measure(config, run_dir, opts)
+        _log(f"[{i}/{len(runs)}] {run.name}: evaluating and measuring")
+        m = evaluate_and_measure(run, opts)
         result = HeadResult(
-            name=name,
-            config=config,
+            name=run.name,
+            config=run.config,
             pooler=m.pop("pooler"),
             ap=m.pop("ap"),
-            train_s_per_iter=train_seconds_per_iter(read_metrics(run_dir)),
-            train_iters=m.pop("max_iter"),
-            train_wall_s=walls.get(config),
-            fingerprint=fingerprint(config, opts),
+            train_s_per_iter=train_seconds_per_iter(read_metrics(run.run_dir)),
+            train_iters=run.max_iter,
+            train_wall_s=walls.get(run.name),
+            seed=run.seed,
+            run_dir=str(run.run_dir),
+            fingerprint=run.result_key,
             **m,
         )
-        (run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
+        (run.run_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
         _log(
-            f"[{i}/{len(configs)}] {name} done: AP {result.ap['AP']:.1f}, AP50 "
+            f"[{i}/{len(runs)}] {run.name} done: AP {result.ap['AP']:.1f}, AP50 "
             f"{result.ap['AP50']:.1f}, train {result.train_s_per_iter or float('nan'):.3f} "
             f"s/iter, inference {result.infer_ms_per_image:.1f} ms/img"
         )
@@ -456,18 +560,23 @@ def _fmt(v, digits=1):
     return f"{v:.{digits}f}"
 
 
+def _seed_text(seed: int) -> str:
+    return str(seed) if seed >= 0 else "random"
+
+
 def table_markdown(results: Sequence[HeadResult]) -> str:
     head = (
-        "| head | box pooler | AP | AP50 | AP75 | APs | APm | APl | train s/iter | "
-        "inference ms/img | pooler fwd ms | pooler fwd+bwd ms | RoIs | box-head params (M) | "
-        "box-head GFLOPs/img |"
+        "| head | box pooler | AP | AP50 | AP75 | APs | APm | APl | iterations | seed | "
+        "train s/iter | inference ms/img | pooler fwd ms | pooler fwd+bwd ms | RoIs | "
+        "box-head params (M) | box-head GFLOPs/img (lower bound) |"
     )
-    sep = "|" + "---|" * 15
+    sep = "|" + "---|" * 17
     rows = [head, sep]
     for r in results:
         rows.append(
             f"| {r.name} | {r.pooler} | "
             + " | ".join(_fmt(r.ap.get(k)) for k in AP_KEYS)
+            + f" | {r.train_iters} | {_seed_text(r.seed)}"
             + f" | {_fmt(r.train_s_per_iter, 3)} | {_fmt(r.infer_ms_per_image)} | "
             f"{_fmt(r.pooler_fwd_ms, 2)} | {_fmt(r.pooler_fwd_bwd_ms, 2)} | {r.pooler_rois} | "
             f"{r.box_head_params / 1e6:.2f} | {_fmt(r.box_head_gflops, 3)} |"
@@ -502,7 +611,7 @@ def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for r in results:
-        rows = [m for m in read_metrics(output_dir / r.name) if "total_loss" in m]
+        rows = [m for m in read_metrics(Path(r.run_dir)) if "total_loss" in m]
         if rows:
             ax.plot([m["iteration"] for m in rows], [m["total_loss"] for m in rows], label=r.name)
     ax.set_xlabel("iteration")
@@ -516,11 +625,11 @@ def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     panels = [
-        ("training s/iter", [r.train_s_per_iter or 0.0 for r in results]),
-        ("inference ms/image", [r.infer_ms_per_image for r in results]),
-        ("box pooler ms (fwd / fwd+bwd)", None),
+        ("training", "seconds per iteration", [r.train_s_per_iter or 0.0 for r in results]),
+        ("inference", "ms per image (batch 1)", [r.infer_ms_per_image for r in results]),
+        ("box pooler (fwd / fwd+bwd)", "ms per batch of RoIs", None),
     ]
-    for ax, (title, vals) in zip(axes, panels, strict=True):
+    for ax, (title, ylabel, vals) in zip(axes, panels, strict=True):
         if vals is None:
             xs = range(len(results))
             ax.bar([x - 0.2 for x in xs], [r.pooler_fwd_ms for r in results], 0.4, label="fwd")
@@ -532,6 +641,7 @@ def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
             ax.bar(range(len(results)), vals)
         ax.set_xticks(range(len(results)), names, rotation=25, fontsize=7, ha="right")
         ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel, fontsize=9)
     fig.tight_layout()
     fig.savefig(output_dir / "speed.png", dpi=110)
     plt.close(fig)
@@ -564,6 +674,14 @@ def write_report(
     ]
     if elapsed_s is not None:
         lines.append(f"- wall time of this invocation: {elapsed_s / 60:.1f} min")
+    iters = sorted({r.train_iters for r in results})
+    seeds = sorted({_seed_text(r.seed) for r in results})
+    lines += [
+        f"- training: {', '.join(map(str, iters))} iterations per head; seed "
+        f"{', '.join(seeds)} (SEED -1: detectron2 draws one and logs it); "
+        f"{len(results)} heads, 1 run each (one training per head: differences smaller than "
+        "the run-to-run spread are not evidence)",
+    ]
     lines += [
         "",
         table,

@@ -780,14 +780,10 @@ def slice_main(device: str, only: tuple[int, ...] | None = None) -> int:
 
 # ============================================================================= benchmark rows
 def load_benchmark_tool():
-    """tools/benchmark_kernels.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "benchmark_kernels", REPO / "tools" / "benchmark_kernels.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """The kernel benchmark module (:mod:`spp_triton.bench.kernels`) of this checkout."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # spp_triton is not installed on the GPU image
+    return importlib.import_module("spp_triton.bench.kernels")
 
 
 def pooler_format(box_lists):

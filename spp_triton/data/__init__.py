@@ -19,7 +19,8 @@ reproducible and train and val never overlap.
 The cache
 ---------
 Files are generated once, on first use, into ``$SPP_TRITON_DATASETS/shapes_v1/`` or, when that
-variable is unset, ``<repo root>/datasets/shapes_v1/`` (git-ignored)::
+variable is unset, ``<repo root>/datasets/shapes_v1/`` (git-ignored) in a source checkout, or
+``~/.cache/spp_triton/datasets/shapes_v1/`` for an installed wheel::
 
     shapes_v1/train/000000.png ...  shapes_v1/train.json   (COCO instances format)
     shapes_v1/val/000000.png ...    shapes_v1/val.json
@@ -112,8 +113,9 @@ def register_shapes_datasets(
     """Register ``shapes_train`` and ``shapes_val`` with detectron2; idempotent.
 
     Args:
-        root: folder holding the dataset caches; ``None`` means ``$SPP_TRITON_DATASETS`` or
-            ``<repo root>/datasets`` (resolved at each call).
+        root: folder holding the dataset caches; ``None`` means ``default_datasets_root()``
+            (``$SPP_TRITON_DATASETS``, the checkout's ``datasets/`` or the user cache), resolved
+            at each call.
         config: generator parameters; ``None`` is the default dataset.
         generate: generate the files now if they are missing or stale (default). With ``False``
             nothing is written now; the registered loader generates on first

@@ -139,11 +139,18 @@ class ShapesConfig:
 
 
 def default_datasets_root() -> Path:
-    """``$SPP_TRITON_DATASETS`` if set, else ``<repo root>/datasets`` (git-ignored)."""
+    """``$SPP_TRITON_DATASETS`` if set; else ``<repo root>/datasets`` (git-ignored) when
+    spp_triton runs from a source checkout; else the user cache (``~/.cache/spp_triton/datasets``)
+    for an installed wheel: never inside ``site-packages``."""
+    from spp_triton.model_zoo import source_checkout, user_cache_dir
+
     env = os.environ.get(_ENV_ROOT)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2] / "datasets"
+    checkout = source_checkout()
+    if checkout is not None:
+        return checkout / "datasets"
+    return user_cache_dir() / "datasets"
 
 
 def shapes_dataset_dir(

@@ -118,11 +118,14 @@ def setup(args):
             f"--config-file {config_file!r} is a LazyConfig; tools/train_net.py takes yacs .yaml "
             "configs (train LazyConfigs with detectron2's tools/lazyconfig_train_net.py)"
         )
-    if config_file and not os.path.isfile(config_file):
-        raise FileNotFoundError(
-            f"Config file not found: --config-file {config_file!r} "
-            f"(resolved to {os.path.abspath(config_file)!r})"
-        )
+    if config_file:
+        from spp_triton.model_zoo import resolve_config
+
+        try:  # a path, or the name of a config shipped with spp_triton
+            config_file = resolve_config(config_file)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--config-file: {e}") from None
+        args.config_file = config_file  # default_setup copies the file it names
     register_datasets()  # the names, for validation
     cfg = get_cfg()
     add_spp_config(cfg)
