@@ -1,6 +1,7 @@
 """detectron2 integration of spp_triton. Importing this package registers ``SPPROIHeads``.
 
-* :func:`add_spp_config` / :func:`validate_config`: the ``MODEL.SPP`` keys and their checks.
+* :func:`add_spp_config` / :func:`validate_config`: the ``MODEL.SPP`` keys and their checks;
+  :func:`build_model`: detectron2's ``build_model`` after those checks.
 * :class:`SPPROIPooler`, :class:`TritonROIPooler`: ``ROIPooler``-compatible box poolers that pool
   every FPN level in one spp_triton call.
 * :class:`SPPROIHeads`: ``StandardROIHeads`` whose box pooler follows
@@ -20,6 +21,7 @@ from spp_triton.modeling.config import (
     BOX_POOLER_TYPES,
     SPP_MODES,
     add_spp_config,
+    build_model,
     validate_config,
     validate_datasets,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "build_basic_resnet_backbone",
     "build_basic_resnet_fpn_backbone",
     "add_spp_config",
+    "build_model",
     "validate_config",
     "validate_datasets",
     "BOX_POOLER_TYPES",

@@ -11,6 +11,7 @@ from detectron2.config import CfgNode as CN
 
 __all__ = [
     "add_spp_config",
+    "build_model",
     "validate_config",
     "validate_datasets",
     "SPP_MODES",
@@ -157,3 +158,14 @@ def validate_datasets(cfg: CN, *, train: bool = True, test: bool = True) -> CN:
                 f"{', '.join(others) or 'none'})"
             )
     return cfg
+
+
+def build_model(cfg):
+    """detectron2's ``build_model`` after :func:`validate_config`: a config that asks for an
+    spp_triton pooler without ``SPPROIHeads`` (or with bad ``MODEL.SPP`` values) fails with a
+    message naming the key, instead of detectron2's ``Unknown pooler type: SPP``.
+    (``Trainer.build_model`` does the same.)"""
+    from detectron2.modeling import build_model as d2_build_model
+
+    validate_config(cfg)
+    return d2_build_model(cfg)

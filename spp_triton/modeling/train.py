@@ -228,6 +228,13 @@ class Trainer(DefaultTrainer):
         with _ddp_device_ids_for_cpu():
             super().__init__(cfg)
 
+    @classmethod
+    def build_model(cls, cfg):
+        """detectron2's ``build_model`` after :func:`validate_config`, so that a config error
+        names its key (not detectron2's ``Unknown pooler type: SPP``)."""
+        validate_config(cfg)
+        return super().build_model(cfg)
+
     def build_hooks(self):
         # Called at the end of DefaultTrainer.__init__, before the checkpoint hook is made.
         old = self.checkpointer
