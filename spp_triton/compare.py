@@ -177,7 +177,7 @@ def plan_runs(configs: Sequence[str], output_dir: Path, opts: Sequence[str] = ()
     for a missing config and ``ValueError`` for an invalid one (naming it)."""
     from spp_triton.model_zoo import resolve_config
 
-    paths = [resolve_config(c) for c in configs]
+    paths = [os.path.abspath(resolve_config(c)) for c in configs]
     stems = [Path(p).stem for p in paths]
     runs = []
     for config, path, stem in zip(configs, paths, stems, strict=True):
@@ -201,12 +201,12 @@ def plan_runs(configs: Sequence[str], output_dir: Path, opts: Sequence[str] = ()
         )
     seen: dict[str, str] = {}
     for run in runs:
-        if str(run.run_dir) in seen:
+        if run.train_key in seen:
             raise ValueError(
-                f"{run.config} and {seen[str(run.run_dir)]} resolve to the same training config; "
+                f"{run.config} and {seen[run.train_key]} resolve to the same training config; "
                 "list each head once"
             )
-        seen[str(run.run_dir)] = run.config
+        seen[run.train_key] = run.config
     return runs
 
 

@@ -4,6 +4,9 @@ report.md / report.json / plots, and reuses the finished run when called again."
 from __future__ import annotations
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -72,12 +75,101 @@ def test_tiny_comparison_writes_report_and_reuses_runs(tmp_path, mini_val, capsy
     assert data["heads"][0]["ap"] == r.ap and data == json.loads(json.dumps(payload))
     for png in ("ap.png", "loss.png", "speed.png"):
         assert (tmp_path / png).stat().st_size > 1000
-    assert (tmp_path / r.name / "metrics.json").is_file()
+    assert (Path(r.run_dir) / "metrics.json").is_file() and Path(r.run_dir).parent == tmp_path
+    assert "iterations" in md and "1 run each" in md
 
     capsys.readouterr()
     again = compare.compare([config], tmp_path, TINY_OPTS)
     assert "reusing" in capsys.readouterr().out
     assert again[0].ap == r.ap
+
+    # Changed overrides into the same folder: a fresh run with its own weights, never the old
+    # model_final.pth (which has another box-head shape), and the first run stays as it was.
+    changed = compare.compare([config], tmp_path, [*TINY_OPTS, "MODEL.SPP.LEVELS", "[1, 2]"])
+    out = capsys.readouterr().out
+    assert "reusing" not in out and "training faster_rcnn_R_18_FPN_spp124" in out
+    (c,) = changed
+    assert c.run_dir != r.run_dir and c.fingerprint != r.fingerprint
+    assert c.box_head_params < r.box_head_params  # fc1 sized for 5 bins, not 21
+    log = (tmp_path / Path(c.run_dir).name / "log.txt").read_text()
+    assert "Skip loading parameter" not in log
+    assert json.loads((Path(r.run_dir) / "result.json").read_text())["ap"] == r.ap
+
+
+SPP124 = "configs/Shapes/faster_rcnn_R_18_FPN_spp124.yaml"
+ROIPOOL = "configs/Shapes/faster_rcnn_R_18_FPN_roipool.yaml"
+
+
+def test_run_folders_are_keyed_by_the_resolved_config(tmp_path):
+    a = compare.plan_runs([SPP124, ROIPOOL], tmp_path)
+    assert [r.name for r in a] == ["faster_rcnn_R_18_FPN_spp124", "faster_rcnn_R_18_FPN_roipool"]
+    assert a[0].run_dir != a[1].run_dir and all(r.run_dir.parent == tmp_path for r in a)
+    # the same config again (here by its shipped name): the same run folder, resumable
+    again = compare.plan_runs(["Shapes/faster_rcnn_R_18_FPN_spp124.yaml"], tmp_path)
+    assert again[0].run_dir == a[0].run_dir and again[0].result_key == a[0].result_key
+    # any training override: another folder
+    b = compare.plan_runs([SPP124], tmp_path, ["SOLVER.BASE_LR", "0.001"])
+    assert b[0].run_dir != a[0].run_dir
+    # test settings only: the same training (folder), another result
+    t = compare.plan_runs([SPP124], tmp_path, ["TEST.DETECTIONS_PER_IMAGE", "20"])
+    assert t[0].run_dir == a[0].run_dir and t[0].result_key != a[0].result_key
+
+
+def test_configs_with_the_same_file_name_do_not_collide(tmp_path):
+    other = tmp_path / "mine" / "faster_rcnn_R_18_FPN_spp124.yaml"
+    other.parent.mkdir()
+    base = Path(compare.plan_runs([SPP124], tmp_path)[0].path).parent / "Base-Shapes-FPN.yaml"
+    other.write_text(
+        f'_BASE_: "{base}"\nMODEL:\n  ROI_BOX_HEAD:\n    POOLER_TYPE: "SPP"\n'
+        "  SPP:\n    LEVELS: [1, 2]\n"
+    )
+    runs = compare.plan_runs([SPP124, str(other)], tmp_path / "out")
+    assert runs[0].run_dir != runs[1].run_dir
+    assert runs[0].name != runs[1].name and runs[1].name.startswith("mine/")
+    # the very same training twice is refused rather than run twice into one folder
+    same = tmp_path / "copy" / "faster_rcnn_R_18_FPN_spp124.yaml"
+    same.parent.mkdir()
+    shutil.copy(compare.plan_runs([SPP124], tmp_path)[0].path, same)
+    (same.parent / "Base-Shapes-FPN.yaml").write_text(base.read_text())
+    (same.parent.parent / "Base-RCNN-FPN.yaml").write_text(
+        (base.parent.parent / "Base-RCNN-FPN.yaml").read_text()
+    )
+    with pytest.raises(ValueError, match="same training config"):
+        compare.plan_runs([SPP124, str(same)], tmp_path / "out")
+
+
+def test_a_run_folder_of_another_config_is_refused(tmp_path):
+    (run,) = compare.plan_runs([SPP124], tmp_path)
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "model_final.pth").write_bytes(b"not these weights")
+    with pytest.raises(RuntimeError, match="without run.json"):
+        compare._claim_run_dir(run)
+    (run.run_dir / "run.json").write_text(json.dumps({"train_key": "0" * 64, "config": "x"}))
+    with pytest.raises(RuntimeError, match="another config"):
+        compare.compare([SPP124], tmp_path)
+
+
+@pytest.mark.parametrize(
+    "opts,key",
+    [
+        (["DATASETS.TEST", "()"], "DATASETS.TEST"),
+        (["DATASETS.TEST", "('nope_val',)"], "DATASETS.TEST"),
+        (["DATASETS.TRAIN", "('nope_train',)"], "DATASETS.TRAIN"),
+        (["MODEL.SPP.MODE", "min"], "MODEL.SPP.MODE"),
+        (["MODEL.ROI_HEADS.NAME", "StandardROIHeads"], "MODEL.ROI_HEADS.NAME"),
+    ],
+)
+def test_every_config_is_checked_before_any_training(tmp_path, monkeypatch, opts, key):
+    """A bad second config (or override) fails before the first head trains, naming the key."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the configs were checked")
+
+    monkeypatch.setattr(compare, "train_all", no_training)
+    monkeypatch.setattr(compare.subprocess, "Popen", no_training)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        compare.compare([ROIPOOL, SPP124], tmp_path / "out", opts)
+    assert not (tmp_path / "out").exists()
 
 
 def test_fingerprint_changes_with_opts_and_config(tmp_path):

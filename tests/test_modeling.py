@@ -500,6 +500,9 @@ SPP_CFG = CONFIGS / "Shapes" / "faster_rcnn_R_18_FPN_spp124.yaml"
         (["MODEL.SPP.LEVELS", "[1, -2]"], "MODEL.SPP.LEVELS"),
         (["MODEL.SPP.LEVELS", "[1, 2.5]"], "MODEL.SPP.LEVELS"),
         (["MODEL.SPP.LEVELS", "[1, True]"], "MODEL.SPP.LEVELS"),
+        (["MODEL.SPP.LEVELS", "[[1, 2, 3]]"], "MODEL.SPP.LEVELS"),
+        (["MODEL.SPP.LEVELS", "[[0, 2]]"], "MODEL.SPP.LEVELS"),
+        (["MODEL.SPP.LEVELS", "[[1, 2.0], 3]"], "MODEL.SPP.LEVELS"),
         (["MODEL.SPP.MODE", "min"], "MODEL.SPP.MODE"),
         (["MODEL.ROI_BOX_HEAD.POOLER_TYPE", "RoIAlign"], "MODEL.ROI_BOX_HEAD.POOLER_TYPE"),
         (["MODEL.ROI_BOX_HEAD.NUM_CONV", "2"], "MODEL.ROI_BOX_HEAD.NUM_CONV"),
@@ -531,6 +534,34 @@ def test_valid_non_spp_settings_pass():
             ["MODEL.ROI_BOX_HEAD.POOLER_TYPE", "TritonROIPool", "MODEL.ROI_BOX_HEAD.NUM_CONV", "2"],
         )
     )
+
+
+def test_spp_levels_accept_pairs_as_the_python_api_does():
+    """MODEL.SPP.LEVELS takes (bins_h, bins_w) pairs beside ints, from a file or the command
+    line, and the box head is sized for sum(bins_h * bins_w)."""
+    levels = "[1, [2, 3], [4, 1]]"
+    cfg = _cfg(SPP_CFG, ["MODEL.SPP.LEVELS", levels])
+    validate_config(cfg)
+    model = build_model(cfg)
+    channels = model.backbone.output_shape()["p2"].channels
+    assert model.roi_heads.box_head.fc1.in_features == channels * (1 + 6 + 4)
+    assert model.roi_heads.box_pooler.levels == ((1, 1), (2, 3), (4, 1))
+    model.eval()
+    with torch.no_grad():
+        out = model(_random_images(1, (128, 144)))
+    assert out[0]["instances"].pred_boxes.tensor.shape[1] == 4
+
+
+def test_build_model_names_the_key_for_spp_without_spp_heads():
+    """A config asking for the SPP pooler with detectron2's StandardROIHeads: building the model
+    (spp_triton's build_model, the Trainer's) names the keys, not "Unknown pooler type: SPP"."""
+    from spp_triton.modeling import Trainer
+    from spp_triton.modeling import build_model as spp_build_model
+
+    cfg = _cfg(SPP_CFG, ["MODEL.ROI_HEADS.NAME", "StandardROIHeads"])
+    for build in (spp_build_model, Trainer.build_model):
+        with pytest.raises(ValueError, match="MODEL.ROI_HEADS.NAME.*SPPROIHeads"):
+            build(cfg)
 
 
 def test_missing_config_file_is_a_clear_error(tmp_path):

@@ -38,7 +38,7 @@ def add_spp_config(cfg: CN) -> CN:
     # Pyramid levels of the "SPP" box pooler: level n pools each RoI into n x n bins on its FPN
     # level (or the single feature map), per channel; all levels are concatenated, so the box
     # head sees a vector of C * sum(n * n) values per RoI (SPP-net: [1, 2, 3, 6]).
-    # Positive integers, at least one.
+    # At least one level: a positive integer n (n x n bins) or a pair [bins_h, bins_w].
     _C.MODEL.SPP.LEVELS = [1, 2, 4]
     # Reduction in each bin: "max" (SPP-net, RoIPool) or "avg". Used by the "SPP" and
     # "TritonROIPool" box poolers ("TritonROIPool" with "max" equals detectron2's "ROIPool").
@@ -48,10 +48,6 @@ def add_spp_config(cfg: CN) -> CN:
 
 def _fail(key: str, value, why: str) -> None:
     raise ValueError(f"Invalid config: {key} = {value!r}: {why}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def validate_config(cfg: CN) -> CN:
@@ -68,19 +64,19 @@ def validate_config(cfg: CN) -> CN:
             "before merge_from_file"
         )
     levels = cfg.MODEL.SPP.LEVELS
-    if not isinstance(levels, (list, tuple)) or len(levels) == 0:
+    from spp_triton.functional import _check_levels
+
+    try:  # the Python API's own rule: ints n (n x n bins) or (bins_h, bins_w) pairs
+        if not isinstance(levels, (list, tuple)):
+            raise ValueError("not a list")
+        _check_levels(levels, "MODEL.SPP.LEVELS")
+    except (ValueError, TypeError) as e:
         _fail(
             "MODEL.SPP.LEVELS",
             levels,
-            "must be a non-empty list of positive integers, e.g. [1, 2, 4]",
+            "must be a non-empty list of levels, each a positive integer n (n x n bins) or a "
+            f"pair [bins_h, bins_w] of positive integers, e.g. [1, 2, 4] or [[1, 1], [2, 3]] ({e})",
         )
-    for n in levels:
-        if not _is_int(n) or n <= 0:
-            _fail(
-                "MODEL.SPP.LEVELS",
-                levels,
-                f"every level must be a positive integer (n x n bins); got {n!r}",
-            )
 
     mode = cfg.MODEL.SPP.MODE
     if mode not in SPP_MODES:
