@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--build-only", action="store_true", help="step 1 only: build the wheel and check it"
+    )
     args = parser.parse_args(argv)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="spp_triton_wheel_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -99,6 +102,8 @@ def main(argv=None) -> int:
     try:
         step("build the wheel")
         wheel = build_wheel(work / "dist")
+        if args.build_only:
+            return 0
 
         step("install it into a clean venv")
         venv = work / "venv"
