@@ -24,9 +24,13 @@ Bin areas depend on the box *values*, so there are three levels of accuracy:
   assumed to hold one pixel, i.e. ``K * C * P`` for max and ``2 * K * C * P`` for avg, with ``K``
   regions, ``C`` channels, ``P = sum(bh * bw)`` bins per channel. Exact only when every bin is a
   single pixel; real RoIs are usually larger, so this *under*-counts (a 20 x 20-pixel RoI on its
-  FPN level costs ~400 per channel at level 1, not 1). Used by the fvcore/detectron2 handles
-  (``torch.jit`` traces carry shapes, not the values of computed tensors such as proposals) and
-  by the ``flop_counter`` formulas under fake tensors (``torch.compile``, meta).
+  FPN level costs ~400 per channel at level 1, not 1; on real proposals a trial measured 151,200
+  with the fvcore handles against the exact 794,592 of ``FlopCounterMode`` for the same pooling,
+  about 5x). **This is what the fvcore/detectron2 handles report by default**: a
+  ``FlopCountAnalysis`` total or ``by_operator()`` entry for these ops, and so any "GFLOPs" built
+  on it, is a lower bound (``torch.jit`` traces carry shapes, not the values of computed tensors
+  such as proposals). Also used by the ``flop_counter`` formulas under fake tensors
+  (``torch.compile``, meta).
 * **shape-only with a typical RoI size** (``roi_size=(h, w)`` in feature-map pixels, e.g. from
   the mean proposal size): each level costs ``S(h, bh) * S(w, bw)`` per RoI and channel, where
   ``S(e, n)`` is the summed length of the ``n`` RoI-partition bins over an extent of ``e`` pixels
@@ -36,13 +40,28 @@ Whole-map SPP (``spp_triton::spp_pool``) has no box values: its shape-only count
 image's valid region is the full map (exact when ``spp_pool`` was called with
 ``image_sizes=None``, an upper bound otherwise); with real tensors it is exact.
 
+torchvision's RoI ops (which fvcore does not count at all) get fvcore handles too, in the same
+unit, so that a RoIAlign/RoIPool box head's FLOPs include its pooler as the spp_triton heads' do
+(:func:`estimate_roi_align_ops`, :func:`estimate_roi_pool_ops`):
+
+* ``torchvision::roi_align``: per channel and output bin, ``4 * s + 1``: each of the ``s``
+  bilinear samples reads (and weights) 4 input elements (fvcore's ``grid_sampler`` and
+  ``upsample_bilinear2d`` handles also count 4 per bilinear sample), plus the averaging divide.
+  With ``sampling_ratio > 0``, ``s = sampling_ratio ** 2`` and the count is exact from shapes.
+  With ``sampling_ratio <= 0`` (adaptive, detectron2's default), ``s = ceil(roi_h / bh) *
+  ceil(roi_w / bw)`` depends on the box values: the shape-only count takes ``s = 1`` (a lower
+  bound, except for zero-size boxes under ``aligned=True``, which take no sample), or
+  ``s`` from ``roi_size`` when given.
+* ``torchvision::roi_pool`` (max over integer bins, like spp_triton's RoI max pooling): one read
+  per bin as the shape-only lower bound, ``S(h, bh) * S(w, bw)`` per bin grid with ``roi_size``.
+
 Usage::
 
     from spp_triton import profiling  # registers everything below (idempotent)
-    # detectron2's FlopCountAnalysis with the handles set; works around detectron2 v0.6's
-    # unconditional Caffe2 import (see _import_detectron2_analysis)
+    # detectron2's FlopCountAnalysis with the handles set (falls back past detectron2 v0.6's
+    # unconditional Caffe2 import if the install is unpatched, see _import_detectron2_analysis)
     flops = profiling.detectron2_flop_count_analysis(model, inputs)
-    flops.by_operator()["multilevel_roi_spp_pool"]
+    flops.by_operator()["multilevel_roi_spp_pool"]   # shape-only: a lower bound
 
     # or explicitly, e.g. on a plain fvcore analysis built before the import:
     fvcore.nn.FlopCountAnalysis(model, inputs).set_op_handle(**profiling.flop_handles())
@@ -73,6 +92,10 @@ __all__ = [
     "count_pool_backward_ops",
     "estimate_pool_ops",
     "estimate_spp_pool_ops",
+    "estimate_roi_align_ops",
+    "estimate_roi_pool_ops",
+    "FLOP_HANDLES",
+    "TORCHVISION_OP_NAMES",
     "bin_extent_sum",
     "make_flop_handles",
     "flop_handles",
@@ -87,6 +110,13 @@ OP_NAMES = (
     "spp_triton::multilevel_roi_spp_pool",
     "spp_triton::spp_pool",
     "spp_triton::pyramid_pool_backward",
+)
+
+#: torchvision's RoI ops as they appear in a trace (detectron2's ROIPooler calls them; fvcore has
+#: no handle for them and lists them in ``unsupported_ops()``).
+TORCHVISION_OP_NAMES = (
+    "torchvision::roi_align",
+    "torchvision::roi_pool",
 )
 
 
@@ -238,6 +268,41 @@ def estimate_spp_pool_ops(
     return n_img * channels * (area_sum + (nonempty if mode == "avg" else 0))
 
 
+def estimate_roi_align_ops(
+    num_regions: int,
+    channels: int,
+    output_size: tuple[int, int],
+    sampling_ratio: int,
+    roi_size: tuple[float, float] | None = None,
+) -> int:
+    """torchvision ``roi_align`` forward count (see the module docstring): ``K * C * bh * bw *
+    (4 * s + 1)``, ``s`` bilinear samples per bin: ``sampling_ratio ** 2`` when it is ``> 0``
+    (exact); else (adaptive) ``ceil(h / bh) * ceil(w / bw)`` for ``roi_size=(h, w)`` feature
+    pixels, or ``1`` without it (a lower bound)."""
+    bh, bw = (int(v) for v in output_size)
+    if sampling_ratio is not None and sampling_ratio > 0:
+        samples = int(sampling_ratio) ** 2
+    elif roi_size is not None:
+        h, w = (max(float(v), 1.0) for v in roi_size)
+        samples = math.ceil(h / bh) * math.ceil(w / bw)
+    else:
+        samples = 1
+    return int(num_regions) * int(channels) * bh * bw * (4 * samples + 1)
+
+
+def estimate_roi_pool_ops(
+    num_regions: int,
+    channels: int,
+    output_size: tuple[int, int],
+    roi_size: tuple[float, float] | None = None,
+) -> int:
+    """torchvision ``roi_pool`` forward count: its bins are those of a one-level max RoI pyramid,
+    so this is :func:`estimate_pool_ops` with level ``output_size`` (one read per bin without
+    ``roi_size``, a lower bound)."""
+    bh, bw = (int(v) for v in output_size)
+    return estimate_pool_ops(num_regions, channels, [(bh, bw)], "max", roi_size)
+
+
 # ----------------------------------------------------------------------------- fvcore handles
 def _jit_shape(value) -> list[int] | None:
     try:
@@ -296,11 +361,28 @@ def _handle_roi_like(inputs, outputs, roi_size, feature_arg: str):
     return estimate_pool_ops(num, channels, levels, mode, roi_size)
 
 
-def make_flop_handles(roi_size: tuple[float, float] | None = None) -> dict:
-    """fvcore handles for the spp_triton ops (keys: the names in a ``torch.jit`` trace).
+def _roi_op_dims(inputs, outputs) -> tuple[int, int, int, int]:
+    """``(K, C, bh, bw)`` of a torchvision roi_align/roi_pool node: from its output's shape, else
+    from the input shapes and the output-size constants."""
+    out = _jit_shape(outputs[0])
+    if out is not None and len(out) == 4:
+        return tuple(int(v) for v in out)
+    feat, rois = _jit_shape(inputs[0]), _jit_shape(inputs[1])
+    bh, bw = _jit_constant(inputs[3]), _jit_constant(inputs[4])
+    if feat is None or rois is None or bh is None or bw is None:
+        raise ValueError("torchvision RoI op flop handle: the trace carries no shapes")
+    return int(rois[0]), int(feat[1]), int(bh), int(bw)
 
-    ``roi_size``: typical RoI size ``(h, w)`` in feature-map pixels for the RoI ops' estimate
-    (default ``None``: the one-pixel-per-bin lower bound). See the module docstring.
+
+def make_flop_handles(roi_size: tuple[float, float] | None = None) -> dict:
+    """fvcore handles for the spp_triton ops and torchvision's ``roi_align``/``roi_pool`` (keys:
+    the names in a ``torch.jit`` trace: ``OP_NAMES + TORCHVISION_OP_NAMES``).
+
+    ``roi_size``: typical RoI size ``(h, w)`` in feature-map pixels for the RoI ops' estimate.
+    Default ``None``: the shape-only count, **a lower bound** for the RoI ops (one pixel per bin
+    for the spp_triton RoI ops and roi_pool; one bilinear sample per bin for roi_align with
+    adaptive sampling); whole-map ``spp_pool`` and roi_align with ``sampling_ratio > 0`` are
+    exact from shapes. See the module docstring.
     """
 
     def roi_spp_pool_handle(inputs, outputs):
@@ -325,23 +407,42 @@ def make_flop_handles(roi_size: tuple[float, float] | None = None) -> dict:
         per_output = 1 if mode == "max" else 2
         return int(math.prod(grad)) * per_output
 
+    def roi_align_handle(inputs, outputs):
+        # torchvision::roi_align(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio,
+        # aligned); a sampling_ratio computed in the trace counts as adaptive (lower bound)
+        k, c, bh, bw = _roi_op_dims(inputs, outputs)
+        sampling_ratio = _jit_constant(inputs[5]) if len(inputs) > 5 else None
+        return estimate_roi_align_ops(k, c, (bh, bw), sampling_ratio or 0, roi_size)
+
+    def roi_pool_handle(inputs, outputs):
+        # torchvision::roi_pool(input, rois, spatial_scale, pooled_h, pooled_w) -> (out, argmax)
+        k, c, bh, bw = _roi_op_dims(inputs, outputs)
+        return estimate_roi_pool_ops(k, c, (bh, bw), roi_size)
+
     return {
         "spp_triton::roi_spp_pool": roi_spp_pool_handle,
         "spp_triton::multilevel_roi_spp_pool": multilevel_roi_spp_pool_handle,
         "spp_triton::spp_pool": spp_pool_handle,
         "spp_triton::pyramid_pool_backward": backward_handle,
+        "torchvision::roi_align": roi_align_handle,
+        "torchvision::roi_pool": roi_pool_handle,
     }
 
 
 def flop_handles(roi_size: tuple[float, float] | None = None) -> dict:
     """A fresh dict of the fvcore handles (same as :func:`make_flop_handles`), for
-    ``analysis.set_op_handle(**flop_handles())``."""
+    ``analysis.set_op_handle(**flop_handles())``. Without ``roi_size`` the RoI ops' counts are a
+    shape-only **lower bound** (see :func:`make_flop_handles`)."""
     return make_flop_handles(roi_size)
 
 
-#: Default fvcore handles (shape-only lower bound for the RoI ops), usable as
-#: ``FlopCountAnalysis(model, inputs).set_op_handle(**SPP_TRITON_FLOP_HANDLES)``.
-SPP_TRITON_FLOP_HANDLES: dict = make_flop_handles()
+#: Default fvcore handles for all ops (spp_triton's and torchvision's RoI ops; shape-only lower
+#: bound for the RoI ops), usable as
+#: ``FlopCountAnalysis(model, inputs).set_op_handle(**FLOP_HANDLES)``.
+FLOP_HANDLES: dict = make_flop_handles()
+
+#: The spp_triton ops' handles only (a subset of ``FLOP_HANDLES``; lower bound for the RoI ops).
+SPP_TRITON_FLOP_HANDLES: dict = {name: FLOP_HANDLES[name] for name in OP_NAMES}
 
 
 # ----------------------------------------------------------------------------- torch flop_counter
@@ -432,12 +533,14 @@ def register_flop_formulas() -> None:
 
 
 def register_flop_handles(analysis=None):
-    """Make fvcore/detectron2 ``FlopCountAnalysis`` count the spp_triton ops.
+    """Make fvcore/detectron2 ``FlopCountAnalysis`` count the spp_triton ops and torchvision's
+    ``roi_align``/``roi_pool`` (``FLOP_HANDLES``: shape-only, a **lower bound** for the RoI ops).
 
     With ``analysis`` (an fvcore ``JitModelAnalysis``): set the handles on it and return it.
-    Always: register the ``torch.utils.flop_counter`` formulas and, when fvcore is installed,
-    add the handles to fvcore's default handles (so every ``FlopCountAnalysis`` created later,
-    detectron2's included, counts them). Idempotent; run on import of this module.
+    Always: register the ``torch.utils.flop_counter`` formulas (spp_triton ops) and, when fvcore is
+    installed, add the handles to fvcore's default handles where it has none (so every
+    ``FlopCountAnalysis`` created later, detectron2's included, counts them). Idempotent; run on
+    import of this module.
     """
     register_flop_formulas()
     try:  # ``fvcore.nn.flop_count`` is also a function name: fetch the module itself.
@@ -446,10 +549,10 @@ def register_flop_handles(analysis=None):
         if err.name != "fvcore":
             raise
         return analysis
-    for name, handle in SPP_TRITON_FLOP_HANDLES.items():
+    for name, handle in FLOP_HANDLES.items():
         flop_count._DEFAULT_SUPPORTED_OPS.setdefault(name, handle)
     if analysis is not None:
-        analysis.set_op_handle(**SPP_TRITON_FLOP_HANDLES)
+        analysis.set_op_handle(**FLOP_HANDLES)
     return analysis
 
 
@@ -461,12 +564,15 @@ def _import_detectron2_analysis():
     """``detectron2.utils.analysis`` (whose ``FlopCountAnalysis`` traces through
     ``detectron2.export.TracingAdapter``).
 
-    detectron2 v0.6's ``detectron2/export/__init__.py`` imports its Caffe2 exporter
-    (``from caffe2.proto import caffe2_pb2``) unconditionally; PyTorch no longer ships Caffe2, so
-    the import fails and takes ``detectron2.utils.analysis`` with it (detectron2's main branch
-    guards that import). When, and only when, that is the failure, an empty stand-in for
-    ``detectron2.export.api`` (the Caffe2 exporter, unusable without Caffe2 anyway) is put in
-    ``sys.modules`` and the import is retried; ``TracingAdapter`` and the analysis are detectron2's.
+    A plain import first: it works with detectron2's main branch and with the v0.6 that
+    ``tools/install_detectron2.py`` installs (which it patches; it also patches its earlier
+    installs in place). The fallback is for other v0.6 installs: their
+    ``detectron2/export/__init__.py`` imports the Caffe2 exporter (``from caffe2.proto import
+    caffe2_pb2``) unconditionally; PyTorch no longer ships Caffe2, so the import fails and takes
+    ``detectron2.utils.analysis`` with it. When, and only when, that is the failure, an empty
+    stand-in for ``detectron2.export.api`` (the Caffe2 exporter, unusable without Caffe2 anyway) is
+    put in ``sys.modules`` and the import is retried; ``TracingAdapter`` and the analysis are
+    detectron2's.
     """
     try:
         return importlib.import_module("detectron2.utils.analysis")
@@ -488,8 +594,10 @@ def _import_detectron2_analysis():
 
 
 def detectron2_flop_count_analysis(model, inputs):
-    """``detectron2.utils.analysis.FlopCountAnalysis(model, inputs)`` with the spp_triton handles
-    set (works around detectron2 v0.6's Caffe2 import, see :func:`_import_detectron2_analysis`).
-    Counts are computed lazily (``.total()``, ``.by_operator()``, ...)."""
+    """``detectron2.utils.analysis.FlopCountAnalysis(model, inputs)`` with ``FLOP_HANDLES`` set
+    (spp_triton's ops and torchvision's roi_align/roi_pool; see :func:`_import_detectron2_analysis`
+    for unpatched detectron2 v0.6 installs). Counts are computed lazily (``.total()``,
+    ``.by_operator()``, ...); for the RoI pooling ops they are the shape-only **lower bound**
+    (module docstring), so a total that includes them is a lower bound too."""
     analysis = _import_detectron2_analysis().FlopCountAnalysis(model, inputs)
     return register_flop_handles(analysis)

@@ -3,6 +3,8 @@
 * detectron2's FlopCountAnalysis of the Shapes SPP model counts the pooling (the traced
   ``spp_triton::multilevel_roi_spp_pool``) with the documented shape-only formula;
 * fvcore handles on a plain module (all three forward ops);
+* torchvision's ``roi_align`` / ``roi_pool`` (a detectron2 ``ROIPooler``) are counted too, so a
+  RoIAlign box head's FLOPs include its pooler as the spp_triton heads' do;
 * torch.utils.flop_counter formulas: exact counts against a loop over the oracle's bins
   (spp_triton.reference), the backward, and the shape-only fallback under fake tensors.
 """
@@ -10,6 +12,10 @@
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -21,6 +27,7 @@ from spp_triton import profiling, reference
 
 REPO = Path(__file__).resolve().parents[1]
 SPP_CONFIG = REPO / "configs" / "Shapes" / "faster_rcnn_R_18_FPN_spp124.yaml"
+ROIALIGN_CONFIG = REPO / "configs" / "Shapes" / "faster_rcnn_R_18_FPN_roialignv2.yaml"
 
 
 @pytest.fixture(autouse=True)
@@ -111,13 +118,210 @@ def test_detectron2_flop_analysis_counts_spp_pooling(monkeypatch):
     assert exact >= expected
 
 
+def test_detectron2_flop_analysis_counts_roialign_pooler():
+    """The RoIAlignV2 head of the same benchmark: its pooler (torchvision::roi_align, one call per
+    FPN level) is counted, 4 reads per bilinear sample + 1 divide per output element: exact for a
+    fixed sampling_ratio (sampling_ratio**2 samples), a lower bound (1 sample) for 0."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from spp_triton.modeling import add_spp_config
+
+    cfg = get_cfg()
+    add_spp_config(cfg)
+    cfg.merge_from_file(str(ROIALIGN_CONFIG))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    box = cfg.MODEL.ROI_BOX_HEAD
+    assert box.POOLER_TYPE == "ROIAlignV2"
+    samples = box.POOLER_SAMPLING_RATIO**2 if box.POOLER_SAMPLING_RATIO > 0 else 1
+
+    outputs = []
+    handle = model.roi_heads.box_pooler.register_forward_hook(lambda m, i, o: outputs.append(o))
+    g = torch.Generator().manual_seed(0)
+    inputs = [{"image": torch.rand(3, 96, 128, generator=g) * 255, "height": 96, "width": 128}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = profiling.detectron2_flop_count_analysis(model, inputs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        by_op = analysis.by_operator()
+        unsupported = analysis.unsupported_ops()
+    handle.remove()
+
+    k, c, ph, pw = outputs[-1].shape
+    assert k > 0 and (ph, pw) == (box.POOLER_RESOLUTION, box.POOLER_RESOLUTION)
+    assert by_op["roi_align"] == k * c * ph * pw * (4 * samples + 1) > 0
+    assert "torchvision::roi_align" not in unsupported
+    assert by_op["conv"] > 0 and by_op["linear"] > 0
+
+
+def test_detectron2_flop_analysis_with_an_unpatched_v06(tmp_path):
+    """detectron2_flop_count_analysis still works with a detectron2 v0.6 whose export package
+    imports the Caffe2 exporter unconditionally (an install that spp_triton's installer did not
+    patch): a copy of the installed package with v0.6's original export/__init__.py, first on
+    the path of a fresh interpreter."""
+    import detectron2
+
+    copy = tmp_path / "site" / "detectron2"
+    shutil.copytree(
+        Path(detectron2.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    (copy / "export" / "__init__.py").write_text(
+        "# -*- coding: utf-8 -*-\n\n"
+        "from .api import *\n"
+        "from .flatten import TracingAdapter\n"
+        "from .torchscript import scripting_with_instances, dump_torchscript_IR\n\n"
+        '__all__ = [k for k in globals().keys() if not k.startswith("_")]\n'
+    )
+    code = textwrap.dedent(
+        f"""
+        import sys, warnings
+        sys.path.insert(0, {str(copy.parent)!r})
+        import torch
+        import detectron2
+        assert detectron2.__file__.startswith({str(copy)!r}), detectron2.__file__
+        try:
+            import detectron2.utils.analysis
+        except ModuleNotFoundError as err:
+            assert err.name.startswith("caffe2"), err
+        else:
+            raise AssertionError("this copy should fail on caffe2")
+        from spp_triton import profiling
+
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 4, 3)
+
+            def forward(self, x, rois):
+                y = self.conv(x)
+                return torch.ops.torchvision.roi_align(y, rois, 1.0, 2, 2, 2, True)
+
+        warnings.simplefilter("ignore")
+        x, rois = torch.randn(1, 3, 10, 10), torch.tensor([[0.0, 1, 1, 6, 6]])
+        fca = profiling.detectron2_flop_count_analysis(M(), (x, rois))
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        by_op = fca.by_operator()
+        assert by_op["conv"] == 4 * 8 * 8 * 3 * 3 * 3, by_op
+        assert by_op["roi_align"] == 1 * 4 * 2 * 2 * (4 * 2 * 2 + 1), by_op
+        assert sys.modules["detectron2.export.api"].__doc__.startswith("Stand-in")
+        print("fallback ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fallback ok" in proc.stdout
+
+
 def test_handles_are_fvcore_defaults_after_import():
     import importlib
 
     defaults = importlib.import_module("fvcore.nn.flop_count")._DEFAULT_SUPPORTED_OPS
     for name in profiling.OP_NAMES:
         assert name in defaults and name in profiling.SPP_TRITON_FLOP_HANDLES
-    assert set(profiling.flop_handles()) == set(profiling.OP_NAMES)
+    for name in profiling.TORCHVISION_OP_NAMES:
+        assert name in defaults and name in profiling.FLOP_HANDLES
+    assert set(profiling.flop_handles()) == set(profiling.OP_NAMES) | set(
+        profiling.TORCHVISION_OP_NAMES
+    )
+
+
+# ------------------------------------------------------------------------------ torchvision ops
+class _Pooler(torch.nn.Module):
+    """A detectron2 ROIPooler over four FPN levels, as a box head uses it."""
+
+    def __init__(self, pooler_type, sampling_ratio=0, output_size=7):
+        super().__init__()
+        from detectron2.modeling.poolers import ROIPooler
+
+        self.pooler = ROIPooler(
+            output_size=output_size,
+            scales=(1 / 4, 1 / 8, 1 / 16, 1 / 32),
+            sampling_ratio=sampling_ratio,
+            pooler_type=pooler_type,
+        )
+
+    def forward(self, f2, f3, f4, f5, boxes_a, boxes_b):
+        from detectron2.structures import Boxes
+
+        return self.pooler([f2, f3, f4, f5], [Boxes(boxes_a), Boxes(boxes_b)])
+
+
+def _pooler_inputs(channels=6):
+    g = torch.Generator().manual_seed(5)
+    feats = tuple(torch.randn(2, channels, 96 // s, 128 // s, generator=g) for s in (4, 8, 16, 32))
+    # small, medium and large boxes (in image pixels) so that every FPN level gets some
+    sizes = torch.tensor([12.0, 30, 60, 110, 200, 350, 20, 90, 16])
+    xy = torch.rand(len(sizes), 2, generator=g) * 80
+    boxes = torch.cat([xy, xy + sizes[:, None]], 1)
+    return feats, boxes[:5], boxes[5:]
+
+
+def _pooler_flops(module, inputs, handles):
+    from fvcore.nn import FlopCountAnalysis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fca = FlopCountAnalysis(module, inputs)
+        fca.set_op_handle(**handles)
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return fca.by_operator(), fca.unsupported_ops()
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_fvcore_counts_roialign_pooler(sampling_ratio):
+    """ROIPooler(ROIAlignV2): one torchvision::roi_align per level; per output element 4 reads per
+    bilinear sample + 1 divide, with sampling_ratio**2 samples (exact) or, for the adaptive
+    sampling_ratio=0, one sample (the shape-only lower bound)."""
+    feats, boxes_a, boxes_b = _pooler_inputs()
+    module = _Pooler("ROIAlignV2", sampling_ratio)
+    by_op, unsupported = _pooler_flops(module, (*feats, boxes_a, boxes_b), profiling.flop_handles())
+    samples = sampling_ratio**2 if sampling_ratio > 0 else 1
+    k, c = len(boxes_a) + len(boxes_b), feats[0].shape[1]
+    assert by_op["roi_align"] == k * c * 7 * 7 * (4 * samples + 1) > 0
+    assert not [name for name in unsupported if "roi_align" in name]
+    assert unsupported  # (the pooler's box arithmetic is still reported, as before)
+    if sampling_ratio == 0:  # a lower bound of torchvision's adaptive sample count
+        from detectron2.modeling.poolers import assign_boxes_to_levels
+        from detectron2.structures import Boxes
+
+        boxes = torch.cat([boxes_a, boxes_b])
+        levels = assign_boxes_to_levels([Boxes(boxes_a), Boxes(boxes_b)], 2, 5, 224, 4)
+        exact = 0
+        for box, level in zip(boxes.tolist(), levels.tolist(), strict=True):
+            scale = 1 / 2 ** (level + 2)
+            h, w = (box[3] - box[1]) * scale, (box[2] - box[0]) * scale  # aligned=True
+            exact += c * 7 * 7 * (4 * math.ceil(h / 7) * math.ceil(w / 7) + 1)
+        assert exact > by_op["roi_align"]
+
+
+def test_fvcore_roialign_adaptive_sampling_with_roi_size_hint():
+    """With every RoI 20 x 9 feature pixels, adaptive sampling takes ceil(20/7) x ceil(9/7) = 3 x 2
+    samples per bin, whatever the level."""
+    feats, boxes_a, boxes_b = _pooler_inputs(channels=3)
+    module = _Pooler("ROIAlignV2", 0)
+    handles = profiling.make_flop_handles(roi_size=(20, 9))
+    by_op, _ = _pooler_flops(module, (*feats, boxes_a, boxes_b), handles)
+    assert by_op["roi_align"] == 9 * 3 * 49 * (4 * 3 * 2 + 1)
+
+
+def test_fvcore_counts_roipool_pooler():
+    """ROIPooler(ROIPool): torchvision::roi_pool, a max over each bin: one read per bin as the
+    lower bound (as for spp_triton's max pooling); with a RoI size hint, the bins' summed area."""
+    feats, boxes_a, boxes_b = _pooler_inputs()
+    module = _Pooler("ROIPool")
+    by_op, unsupported = _pooler_flops(module, (*feats, boxes_a, boxes_b), profiling.flop_handles())
+    assert by_op["roi_pool"] == 9 * 6 * 7 * 7
+    assert not [name for name in unsupported if "roi_pool" in name]
+    hinted, _ = _pooler_flops(
+        module, (*feats, boxes_a, boxes_b), profiling.make_flop_handles(roi_size=(10, 10))
+    )
+    # 10 pixels in 7 bins: [0,2) [1,3) [2,5) [4,6) [5,8) [7,9) [8,10) -> 2+2+3+2+3+2+2 = 16
+    assert hinted["roi_pool"] == 9 * 6 * 16 * 16
 
 
 # ------------------------------------------------------------------------------ fvcore
