@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 # The setup is redone only when one of these changes.
-SETUP_INPUTS := pyproject.toml requirements/pins.txt tools/install_detectron2.py
+SETUP_INPUTS := pyproject.toml requirements/pins.txt spp_triton/cli/install_detectron2.py
 
 .PHONY: setup test demo lint fuzz clean gpu-check
 

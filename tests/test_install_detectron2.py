@@ -1,5 +1,6 @@
-"""tools/install_detectron2.py: the detectron2 it installs (or installed earlier) can do what users
-reach for, and its source patches are exact, idempotent and leave other detectron2 builds alone.
+"""spp_triton.cli.install_detectron2 (``tools/install_detectron2.py``,
+``spp-triton-install-detectron2``): the detectron2 it installs (or installed earlier) can do what
+users reach for, and its source patches are exact, idempotent and leave other detectron2 builds alone.
 
 * the installed detectron2: ``detectron2.utils.analysis.FlopCountAnalysis`` imports (v0.6 imports
   its Caffe2 exporter unconditionally) and ``detectron2.model_zoo`` finds its bundled configs
@@ -11,7 +12,6 @@ reach for, and its source patches are exact, idempotent and leave other detectro
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import tarfile
@@ -21,18 +21,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = REPO / "tools" / "install_detectron2.py"
 
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it is executed
-    spec.loader.exec_module(module)
-    return module
-
-
-inst = _load("spp_triton_tools_install_detectron2", TOOL)
+from spp_triton.cli import install_detectron2 as inst  # noqa: E402
 
 
 # ------------------------------------------------------------------------------ the real install
