@@ -1,6 +1,7 @@
 """spp_triton.cli.install_detectron2 (``tools/install_detectron2.py``,
 ``spp-triton-install-detectron2``): the detectron2 it installs (or installed earlier) can do what
-users reach for, and its source patches are exact, idempotent and leave other detectron2 builds alone.
+users reach for, and its source patches are exact, idempotent and leave other detectron2 builds
+alone.
 
 * the installed detectron2: ``detectron2.utils.analysis.FlopCountAnalysis`` imports (v0.6 imports
   its Caffe2 exporter unconditionally) and ``detectron2.model_zoo`` finds its bundled configs
