@@ -690,7 +690,11 @@ def write_report(
         "median of detectron2's logged iteration time after warm-up. Inference: median per image "
         f"after {WARMUP_IMAGES} warm-up images, batch 1. Pooler: median over repeats on the RoIs "
         "the head received for a batch of test images. FLOPs: fvcore (1 multiply-add = 1 flop), "
-        "box pooler + box head, per image.",
+        "box pooler + box head, per image, a lower bound: fvcore sees only shapes, so RoI "
+        "pooling (spp_triton's ops, torchvision roi_pool, roi_align with sampling_ratio 0) is "
+        "counted as one input read (or one bilinear sample) per bin, while real RoIs read more "
+        "(one trial: 151,200 counted vs 794,592 exact from torch's FlopCounterMode); roi_align "
+        "with a fixed sampling_ratio is counted exactly (4 reads per sample + 1 divide per bin).",
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
