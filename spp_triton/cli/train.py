@@ -7,8 +7,15 @@ spp_triton's box poolers.
     spp-triton-train --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
     spp-triton-train --config-file CFG --resume          # continue from OUTPUT_DIR's last one
 
-Flags are detectron2's ``default_argument_parser``; trailing ``KEY VALUE`` pairs override the
-config. ``--config-file`` is a path, or the name of a config shipped with spp_triton
+LazyConfigs (``.py``) train with detectron2's ``lazyconfig_train_net`` conventions
+(:mod:`spp_triton.modeling.lazy`); trailing ``key=value`` arguments override them:
+
+    spp-triton-train --config-file configs/LazyConfigs/shapes_faster_rcnn_R_18_FPN_spp124.py \
+        train.max_iter=100 dataloader.train.total_batch_size=4
+    spp-triton-train --config-file X.py --eval-only train.init_checkpoint=output/.../model_final.pth
+
+Flags are detectron2's ``default_argument_parser``; for yacs configs, trailing ``KEY VALUE`` pairs
+override the config. ``--config-file`` is a path, or the name of a config shipped with spp_triton
 (``configs/Shapes/...``; see :mod:`spp_triton.model_zoo`). Without CUDA the model runs on CPU;
 ``--num-gpus N`` then starts N gloo CPU processes, and ``torchrun --nproc-per-node N
 tools/train_net.py ...`` works on CPU and GPU alike.
@@ -20,7 +27,15 @@ import sys
 
 
 def main(args):
-    """One process's work: train, or evaluate with ``--eval-only``."""
+    """One process's work: train, or evaluate with ``--eval-only``; a ``.py`` config goes to the
+    LazyConfig path (:func:`spp_triton.modeling.lazy.main_lazy`), anything else to yacs."""
+    from spp_triton.modeling.lazy import is_lazy_config
+
+    if is_lazy_config(getattr(args, "config_file", "")):
+        from spp_triton.modeling.lazy import main_lazy
+
+        return main_lazy(args)
+
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.evaluation import verify_results
     from detectron2.utils import comm

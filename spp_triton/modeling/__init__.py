@@ -8,7 +8,10 @@
   ``MODEL.ROI_BOX_HEAD.POOLER_TYPE`` ("SPP", "TritonROIPool", or detectron2's own).
 * ``build_basic_resnet_backbone`` / ``build_basic_resnet_fpn_backbone``: R-18 / R-34 of any width
   (detectron2's fix RES2_OUT_CHANNELS at 64), registered as backbones.
-* :class:`Trainer`, :func:`setup`, :func:`launch`: what ``tools/train_net.py`` runs.
+* :class:`Trainer`, :func:`setup`, :func:`launch`: what ``tools/train_net.py`` runs for yacs
+  configs; :func:`setup_lazy`, :func:`main_lazy` (:mod:`spp_triton.modeling.lazy`): for
+  LazyConfigs (``.py``), with :class:`ClippedSGD`, :func:`basic_resnet_stages` and
+  :func:`spp_pooled_shape` for the configs of spp_triton models.
 
 Importing it also registers the embedded datasets of :mod:`spp_triton.data`.
 """
@@ -24,6 +27,13 @@ from spp_triton.modeling.config import (
     build_model,
     validate_config,
     validate_datasets,
+)
+from spp_triton.modeling.lazy import (
+    ClippedSGD,
+    basic_resnet_stages,
+    main_lazy,
+    setup_lazy,
+    spp_pooled_shape,
 )
 from spp_triton.modeling.poolers import SPPROIPooler, TritonROIPooler
 from spp_triton.modeling.roi_heads import SPPROIHeads, build_spp_box_pooler
@@ -60,4 +70,9 @@ __all__ = [
     "register_datasets",
     "resolve_device",
     "fast_coco_eval_available",
+    "setup_lazy",
+    "main_lazy",
+    "ClippedSGD",
+    "basic_resnet_stages",
+    "spp_pooled_shape",
 ]

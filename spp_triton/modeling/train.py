@@ -52,12 +52,13 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 # --------------------------------------------------------------------------------------------
 
 
-def register_datasets(cfg=None) -> None:
+def register_datasets(cfg=None, *, names=None) -> None:
     """Make the embedded shapes datasets (``shapes_train`` / ``shapes_val``) usable.
 
-    Without ``cfg``: register the names with detectron2 (nothing is generated). With ``cfg``: if
-    ``DATASETS.TRAIN`` / ``DATASETS.TEST`` name them, also generate their files now (once, cached
-    on disk; safe from several processes), as ``COCOEvaluator`` reads the json when it is built.
+    Without ``cfg`` or ``names``: register the names with detectron2 (nothing is generated).
+    With ``cfg`` (yacs) or ``names`` (the dataset names a LazyConfig uses): if ``DATASETS.TRAIN``
+    / ``DATASETS.TEST`` or ``names`` name them, also generate their files now (once, cached on
+    disk; safe from several processes), as ``COCOEvaluator`` reads the json when it is built.
     """
     from detectron2.data import DatasetCatalog
 
@@ -66,14 +67,18 @@ def register_datasets(cfg=None) -> None:
     register = getattr(data, "register_shapes_datasets", None)
     if register is None:  # spp_triton.data without the shapes datasets
         return
-    names = set(getattr(data, "SHAPES_DATASET_NAMES", {}).values()) or {
+    shapes = set(getattr(data, "SHAPES_DATASET_NAMES", {}).values()) or {
         "shapes_train",
         "shapes_val",
     }
-    if cfg is None:
-        if not names <= set(DatasetCatalog.list()):
+    if cfg is None and names is None:
+        if not shapes <= set(DatasetCatalog.list()):
             register(generate=False)
-    elif names & (set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)):
+        return
+    used = set(names or ())
+    if cfg is not None:
+        used |= set(cfg.DATASETS.TRAIN) | set(cfg.DATASETS.TEST)
+    if shapes & used:
         register()
 
 
@@ -115,8 +120,9 @@ def setup(args):
     config_file = getattr(args, "config_file", "") or ""
     if config_file.endswith(".py"):
         raise ValueError(
-            f"--config-file {config_file!r} is a LazyConfig; tools/train_net.py takes yacs .yaml "
-            "configs (train LazyConfigs with detectron2's tools/lazyconfig_train_net.py)"
+            f"--config-file {config_file!r} is a LazyConfig; setup() builds yacs (.yaml) configs: "
+            "use spp_triton.modeling.lazy.setup_lazy(args) (spp-triton-train and "
+            "tools/train_net.py do so for .py configs)"
         )
     if config_file:
         from spp_triton.model_zoo import resolve_config
