@@ -106,6 +106,7 @@ class Run:
     max_iter: int
     seed: int
     cost: float  # iterations x batch x pixels: longest first when training in parallel
+    opts: tuple[str, ...] = ()  # this run's overrides (the shared ones, then its SEED)
 
 
 def _resolved_cfg(path: str, opts: Sequence[str]):
@@ -172,33 +173,46 @@ def check_config(cfg, config: str) -> None:
         raise ValueError(f"{config}: {e}") from e
 
 
-def plan_runs(configs: Sequence[str], output_dir: Path, opts: Sequence[str] = ()) -> list[Run]:
-    """Resolve, check and key every config before anything runs. Raises ``FileNotFoundError``
-    for a missing config and ``ValueError`` for an invalid one (naming it)."""
+def plan_runs(
+    configs: Sequence[str], output_dir: Path, opts: Sequence[str] = (), seeds: int = 1
+) -> list[Run]:
+    """Resolve, check and key every config before anything runs; ``seeds`` runs per config
+    (``seeds > 1``: ``SEED`` s, s + 1, ... from the config's ``SEED``, or from 0 when it is
+    negative). Raises ``FileNotFoundError`` for a missing config and ``ValueError`` for an invalid
+    one (naming it)."""
     from spp_triton.model_zoo import resolve_config
 
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
     paths = [os.path.abspath(resolve_config(c)) for c in configs]
     stems = [Path(p).stem for p in paths]
     runs = []
     for config, path, stem in zip(configs, paths, stems, strict=True):
         cfg = _resolved_cfg(path, opts)
         check_config(cfg, config)
-        train_key, result_key, text = _keys(cfg)
         name = stem if stems.count(stem) == 1 else f"{Path(path).parent.name}/{stem}"
-        runs.append(
-            Run(
-                config=config,
-                path=path,
-                name=name,
-                run_dir=output_dir / f"{name.replace('/', '__')}-{train_key[:10]}",
-                train_key=train_key,
-                result_key=result_key,
-                config_text=text,
-                max_iter=int(cfg.SOLVER.MAX_ITER),
-                seed=int(cfg.SEED),
-                cost=cfg.SOLVER.MAX_ITER * cfg.SOLVER.IMS_PER_BATCH * cfg.INPUT.MIN_SIZE_TEST**2,
+        base = int(cfg.SEED) if int(cfg.SEED) >= 0 else 0
+        for k in range(seeds):
+            run_opts = tuple(opts) + (("SEED", str(base + k)) if seeds > 1 else ())
+            run_cfg = _resolved_cfg(path, run_opts) if seeds > 1 else cfg
+            train_key, result_key, text = _keys(run_cfg)
+            runs.append(
+                Run(
+                    config=config,
+                    path=path,
+                    name=name,
+                    run_dir=output_dir / f"{name.replace('/', '__')}-{train_key[:10]}",
+                    train_key=train_key,
+                    result_key=result_key,
+                    config_text=text,
+                    max_iter=int(run_cfg.SOLVER.MAX_ITER),
+                    seed=int(run_cfg.SEED),
+                    cost=run_cfg.SOLVER.MAX_ITER
+                    * run_cfg.SOLVER.IMS_PER_BATCH
+                    * run_cfg.INPUT.MIN_SIZE_TEST**2,
+                    opts=run_opts,
+                )
             )
-        )
     seen: dict[str, str] = {}
     for run in runs:
         if run.train_key in seen:
@@ -242,7 +256,7 @@ def _claim_run_dir(run: Run) -> None:
 
 
 # ----------------------------------------------------------------------------- train
-def _train_command(run: Run, opts: Sequence[str], num_gpus: int) -> list[str]:
+def _train_command(run: Run, num_gpus: int) -> list[str]:
     resume = (run.run_dir / "last_checkpoint").is_file()
     cmd = [sys.executable, "-m", "spp_triton.cli.train", "--config-file", run.path]
     cmd += ["--num-gpus", str(num_gpus)]
@@ -250,7 +264,7 @@ def _train_command(run: Run, opts: Sequence[str], num_gpus: int) -> list[str]:
         cmd.append("--resume")
     # The report evaluates with its own timing; an empty DATASETS.TEST (last, so that it wins over
     # the opts) skips the trainer's end-of-training evaluation, which would run inference twice.
-    return cmd + [*opts, "OUTPUT_DIR", str(run.run_dir), "DATASETS.TEST", "()"]
+    return cmd + [*run.opts, "OUTPUT_DIR", str(run.run_dir), "DATASETS.TEST", "()"]
 
 
 def _child_env(parallel: int) -> dict[str, str]:
@@ -263,20 +277,18 @@ def _child_env(parallel: int) -> dict[str, str]:
     return env
 
 
-def train_all(
-    runs: Sequence[Run], opts: Sequence[str], num_gpus: int = 1, parallel: int = 1
-) -> dict[str, float]:
+def train_all(runs: Sequence[Run], num_gpus: int = 1, parallel: int = 1) -> dict[str, float]:
     """Train (or resume) each run in a ``spp-triton-train`` subprocess, up to ``parallel`` at a
-    time; on CPU each gets ``cores // parallel`` threads. Returns wall times by run name."""
+    time; on CPU each gets ``cores // parallel`` threads. Returns wall times by run folder."""
     env = _child_env(parallel)
     pending, running, walls = list(runs), [], {}
     while pending or running:
         while pending and len(running) < parallel:
             run = pending.pop(0)
             _claim_run_dir(run)
-            cmd = _train_command(run, opts, num_gpus)
+            cmd = _train_command(run, num_gpus)
             verb = "resuming" if "--resume" in cmd else "training"
-            _log(f"{verb} {run.name} in {run.run_dir}: " + " ".join(cmd))
+            _log(f"{verb} {run.name} (seed {run.seed}) in {run.run_dir}: " + " ".join(cmd))
             running.append((run, subprocess.Popen(cmd, env=env), time.perf_counter()))
         time.sleep(1.0)
         for item in list(running):
@@ -293,8 +305,8 @@ def train_all(
                     f"training {run.config} failed (exit {proc.returncode}); {where}. "
                     "Re-run to resume from its last checkpoint."
                 )
-            walls[run.name] = time.perf_counter() - start
-            _log(f"{run.name}: training finished in {walls[run.name] / 60:.1f} min")
+            walls[str(run.run_dir)] = time.perf_counter() - start
+            _log(f"{run.name}: training finished in {walls[str(run.run_dir)] / 60:.1f} min")
     return walls
 
 
@@ -341,11 +353,11 @@ class _TimedModel(torch.nn.Module):
         return out
 
 
-def _load_cfg(run: Run, opts: Sequence[str]):
+def _load_cfg(run: Run):
     """The run's config as its training saw it (plus the test set), for evaluation."""
     from spp_triton.modeling import register_datasets, resolve_device
 
-    cfg = _resolved_cfg(run.path, opts)
+    cfg = _resolved_cfg(run.path, run.opts)
     cfg.OUTPUT_DIR = str(run.run_dir)
     register_datasets(cfg)  # the files, if the config uses the embedded datasets
     resolve_device(cfg)
@@ -462,12 +474,12 @@ def measure_box_head(cfg, model, num_images: int = 8, repeats: int = 10) -> dict
     }
 
 
-def evaluate_and_measure(run: Run, opts: Sequence[str]) -> dict:
+def evaluate_and_measure(run: Run) -> dict:
     from detectron2.checkpoint import DetectionCheckpointer
 
     from spp_triton.modeling import Trainer
 
-    cfg = _load_cfg(run, opts)
+    cfg = _load_cfg(run)
     model = Trainer.build_model(cfg)
     weights = run.run_dir / "model_final.pth"
     DetectionCheckpointer(model, save_dir=str(run.run_dir)).load(str(weights))
@@ -501,11 +513,13 @@ def compare(
     opts: Sequence[str] = (),
     num_gpus: int = 1,
     parallel: int = 1,
+    seeds: int = 1,
 ) -> list[HeadResult]:
-    """Check every config, train what is not trained (``parallel`` runs at a time), then
-    evaluate and measure each head in turn (alone on the machine, so that timings compare)."""
+    """Check every config, train what is not trained (``seeds`` runs per config, ``parallel``
+    at a time), then evaluate and measure each run in turn (alone on the machine, so that
+    timings compare). Returns one :class:`HeadResult` per run, in config then seed order."""
     output_dir = Path(output_dir)
-    runs = plan_runs(configs, output_dir, opts)  # raises before anything is trained
+    runs = plan_runs(configs, output_dir, opts, seeds)  # raises before anything is trained
     output_dir.mkdir(parents=True, exist_ok=True)
     cached: dict[str, HeadResult] = {}
     to_train = []
@@ -514,22 +528,22 @@ def compare(
         if result is not None:
             _claim_run_dir(run)  # refuses a folder that is not this run's
             _log(f"[{i}/{len(runs)}] {run.name}: finished run found, reusing {run.run_dir}")
-            cached[run.name] = result
+            cached[str(run.run_dir)] = result
         elif not (run.run_dir / "model_final.pth").is_file():
             to_train.append(run)
         else:
             _claim_run_dir(run)
     # Longest first, so that parallel runs end together: cost ~ iterations x batch x pixels.
     to_train.sort(key=lambda r: -r.cost)
-    walls = train_all(to_train, opts, num_gpus, parallel) if to_train else {}
+    walls = train_all(to_train, num_gpus, parallel) if to_train else {}
 
     results = []
     for i, run in enumerate(runs, 1):
-        if run.name in cached:
-            results.append(cached[run.name])
+        if str(run.run_dir) in cached:
+            results.append(cached[str(run.run_dir)])
             continue
-        _log(f"[{i}/{len(runs)}] {run.name}: evaluating and measuring")
-        m = evaluate_and_measure(run, opts)
+        _log(f"[{i}/{len(runs)}] {run.name} (seed {run.seed}): evaluating and measuring")
+        m = evaluate_and_measure(run)
         result = HeadResult(
             name=run.name,
             config=run.config,
@@ -537,7 +551,7 @@ def compare(
             ap=m.pop("ap"),
             train_s_per_iter=train_seconds_per_iter(read_metrics(run.run_dir)),
             train_iters=run.max_iter,
-            train_wall_s=walls.get(run.name),
+            train_wall_s=walls.get(str(run.run_dir)),
             seed=run.seed,
             run_dir=str(run.run_dir),
             fingerprint=run.result_key,
@@ -554,10 +568,77 @@ def compare(
 
 
 # ----------------------------------------------------------------------------- report
+#: What the summary reports as mean +- std over a head's runs: (label, getter, digits).
+SUMMARY_METRICS = (
+    *((k, (lambda r, k=k: r.ap.get(k)), 1) for k in AP_KEYS),
+    ("train s/iter", lambda r: r.train_s_per_iter, 3),
+    ("inference ms/img", lambda r: r.infer_ms_per_image, 1),
+    ("pooler fwd ms", lambda r: r.pooler_fwd_ms, 2),
+    ("pooler fwd+bwd ms", lambda r: r.pooler_fwd_bwd_ms, 2),
+)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and v == v and v not in (float("inf"), float("-inf"))
+
+
+def mean_std(values) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (``None`` with fewer than 2 finite values)."""
+    vals = [float(v) for v in values if _finite(v)]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+@dataclass
+class HeadSummary:
+    """A head's runs (one per seed) and their mean and spread."""
+
+    name: str
+    pooler: str
+    runs: list[HeadResult]
+
+    def stat(self, label: str) -> tuple[float | None, float | None]:
+        getter = next(g for lab, g, _ in SUMMARY_METRICS if lab == label)
+        return mean_std(getter(r) for r in self.runs)
+
+    def to_dict(self) -> dict:
+        first = self.runs[0]
+        return {
+            "name": self.name,
+            "pooler": self.pooler,
+            "config": first.config,
+            "runs": len(self.runs),
+            "seeds": [r.seed for r in self.runs],
+            "train_iters": sorted({r.train_iters for r in self.runs}),
+            **{
+                label: dict(zip(("mean", "std"), self.stat(label), strict=True))
+                for label, _, _ in SUMMARY_METRICS
+            },
+            "pooler_rois": first.pooler_rois,
+            "box_head_params": first.box_head_params,
+            "box_head_gflops": first.box_head_gflops,
+        }
+
+
+def summarize(results: Sequence[HeadResult]) -> list[HeadSummary]:
+    """Group runs by head, in the order the heads first appear."""
+    heads: dict[str, HeadSummary] = {}
+    for r in results:
+        heads.setdefault(r.name, HeadSummary(r.name, r.pooler, [])).runs.append(r)
+    return list(heads.values())
+
+
 def _fmt(v, digits=1):
     if v is None or (isinstance(v, float) and v != v):
         return "n/a"
     return f"{v:.{digits}f}"
+
+
+def _fmt_ms(mean, std, digits=1) -> str:
+    if std is None:
+        return _fmt(mean, digits)
+    return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
 
 
 def _seed_text(seed: int) -> str:
@@ -565,23 +646,92 @@ def _seed_text(seed: int) -> str:
 
 
 def table_markdown(results: Sequence[HeadResult]) -> str:
+    """One row per head: mean ± std over its runs (a single run: its values)."""
+    labels = [label for label, _, _ in SUMMARY_METRICS]
     head = (
-        "| head | box pooler | AP | AP50 | AP75 | APs | APm | APl | iterations | seed | "
-        "train s/iter | inference ms/img | pooler fwd ms | pooler fwd+bwd ms | RoIs | "
-        "box-head params (M) | box-head GFLOPs/img (lower bound) |"
+        "| head | box pooler | runs | "
+        + " | ".join(labels)
+        + " | iterations | RoIs | box-head params (M) | box-head GFLOPs/img (lower bound) |"
     )
-    sep = "|" + "---|" * 17
-    rows = [head, sep]
-    for r in results:
+    rows = [head, "|" + "---|" * (len(labels) + 7)]
+    for h in summarize(results):
+        cells = [_fmt_ms(*h.stat(label), digits) for label, _, digits in SUMMARY_METRICS]
+        first = h.runs[0]
+        iters = "/".join(str(i) for i in sorted({r.train_iters for r in h.runs}))
         rows.append(
-            f"| {r.name} | {r.pooler} | "
-            + " | ".join(_fmt(r.ap.get(k)) for k in AP_KEYS)
-            + f" | {r.train_iters} | {_seed_text(r.seed)}"
-            + f" | {_fmt(r.train_s_per_iter, 3)} | {_fmt(r.infer_ms_per_image)} | "
-            f"{_fmt(r.pooler_fwd_ms, 2)} | {_fmt(r.pooler_fwd_bwd_ms, 2)} | {r.pooler_rois} | "
-            f"{r.box_head_params / 1e6:.2f} | {_fmt(r.box_head_gflops, 3)} |"
+            f"| {h.name} | {h.pooler} | {len(h.runs)} | "
+            + " | ".join(cells)
+            + f" | {iters} | {first.pooler_rois} | {first.box_head_params / 1e6:.2f} | "
+            f"{_fmt(first.box_head_gflops, 3)} |"
         )
     return "\n".join(rows)
+
+
+def runs_markdown(results: Sequence[HeadResult]) -> str:
+    """One row per run (head, seed)."""
+    rows = [
+        "| head | seed | AP | AP50 | AP75 | train s/iter | inference ms/img | train wall min | "
+        "run folder |",
+        "|" + "---|" * 9,
+    ]
+    for r in results:
+        wall = None if r.train_wall_s is None else r.train_wall_s / 60
+        rows.append(
+            f"| {r.name} | {_seed_text(r.seed)} | {_fmt(r.ap.get('AP'))} | "
+            f"{_fmt(r.ap.get('AP50'))} | {_fmt(r.ap.get('AP75'))} | "
+            f"{_fmt(r.train_s_per_iter, 3)} | {_fmt(r.infer_ms_per_image)} | {_fmt(wall)} | "
+            f"{Path(r.run_dir).name} |"
+        )
+    return "\n".join(rows)
+
+
+def pairwise_verdicts(results: Sequence[HeadResult], key: str = "AP") -> list[dict]:
+    """For each pair of heads: the difference of their mean ``key`` and whether it exceeds the
+    spread, i.e. ``|difference| > std_a + std_b`` (the mean ± std ranges do not overlap).
+    Undecided (``exceeds`` None) when a head has fewer than two runs."""
+    heads = summarize(results)
+    out = []
+    for i, a in enumerate(heads):
+        for b in heads[i + 1 :]:
+            (ma, sa), (mb, sb) = a.stat(key), b.stat(key)
+            if ma is None or mb is None:
+                continue
+            diff = ma - mb
+            exceeds = None if sa is None or sb is None else abs(diff) > sa + sb
+            out.append(
+                {
+                    "a": a.name,
+                    "b": b.name,
+                    "metric": key,
+                    "difference": diff,
+                    "spread": None if exceeds is None else sa + sb,
+                    "exceeds": exceeds,
+                }
+            )
+    return out
+
+
+def verdict_sentences(verdicts: Sequence[dict]) -> list[str]:
+    lines = []
+    for v in verdicts:
+        better, worse = (v["a"], v["b"]) if v["difference"] >= 0 else (v["b"], v["a"])
+        d = abs(v["difference"])
+        if v["exceeds"] is None:
+            lines.append(
+                f"- {better} vs {worse}: {v['metric']} {d:.1f} higher, from one run per head: "
+                "the spread is unknown, so this is not evidence either way."
+            )
+        elif v["exceeds"]:
+            lines.append(
+                f"- {better} beats {worse} by {d:.1f} {v['metric']}, more than the spread "
+                f"({v['spread']:.1f} = the two heads' standard deviations added)."
+            )
+        else:
+            lines.append(
+                f"- {better} vs {worse}: {v['metric']} {d:.1f} higher, within the spread "
+                f"({v['spread']:.1f}): these runs cannot tell the two heads apart."
+            )
+    return lines
 
 
 def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
@@ -590,19 +740,31 @@ def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r.name for r in results]
+    heads = summarize(results)
+    names = [h.name for h in heads]
     written = []
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.27
     for j, key in enumerate(("AP", "AP50", "AP75")):
-        xs = [i + (j - 1) * width for i in range(len(results))]
-        vals = [r.ap.get(key, 0.0) for r in results]
-        bars = ax.bar(xs, vals, width, label=key)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
-    ax.set_xticks(range(len(results)), names, rotation=12, fontsize=8)
+        xs = [i + (j - 1) * width for i in range(len(heads))]
+        stats = [h.stat(key) for h in heads]
+        means = [m or 0.0 for m, _ in stats]
+        errs = [sd or 0.0 for _, sd in stats]
+        bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=key)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
+        for x, h in zip(xs, heads, strict=True):  # the individual runs
+            vals = [r.ap.get(key) for r in h.runs if _finite(r.ap.get(key))]
+            if len(vals) > 1:
+                ax.scatter([x] * len(vals), vals, s=9, color="black", zorder=3)
+    ax.set_xticks(range(len(heads)), names, rotation=12, fontsize=8)
     ax.set_ylabel("COCO box AP (%)")
-    ax.set_title("Accuracy per ROI head")
+    runs = sorted({len(h.runs) for h in heads})
+    ax.set_title(
+        "Accuracy per ROI head (mean ± std over " + "/".join(map(str, runs)) + " runs; dots: runs)"
+        if max(runs) > 1
+        else "Accuracy per ROI head (one run each)"
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(output_dir / "ap.png", dpi=110)
@@ -613,11 +775,12 @@ def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
     for r in results:
         rows = [m for m in read_metrics(Path(r.run_dir)) if "total_loss" in m]
         if rows:
-            ax.plot([m["iteration"] for m in rows], [m["total_loss"] for m in rows], label=r.name)
+            label = r.name if len(results) == len(heads) else f"{r.name} (seed {r.seed})"
+            ax.plot([m["iteration"] for m in rows], [m["total_loss"] for m in rows], label=label)
     ax.set_xlabel("iteration")
     ax.set_ylabel("total_loss (20-iter median)")
     ax.set_title("Training loss")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(output_dir / "loss.png", dpi=110)
     plt.close(fig)
@@ -625,21 +788,30 @@ def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     panels = [
-        ("training", "seconds per iteration", [r.train_s_per_iter or 0.0 for r in results]),
-        ("inference", "ms per image (batch 1)", [r.infer_ms_per_image for r in results]),
-        ("box pooler (fwd / fwd+bwd)", "ms per batch of RoIs", None),
+        ("training", "seconds per iteration", ["train s/iter"]),
+        ("inference", "ms per image (batch 1)", ["inference ms/img"]),
+        (
+            "box pooler (fwd / fwd+bwd)",
+            "ms per batch of RoIs",
+            ["pooler fwd ms", "pooler fwd+bwd ms"],
+        ),
     ]
-    for ax, (title, ylabel, vals) in zip(axes, panels, strict=True):
-        if vals is None:
-            xs = range(len(results))
-            ax.bar([x - 0.2 for x in xs], [r.pooler_fwd_ms for r in results], 0.4, label="fwd")
+    for ax, (title, ylabel, labels) in zip(axes, panels, strict=True):
+        n = len(labels)
+        for j, label in enumerate(labels):
+            stats = [h.stat(label) for h in heads]
+            xs = [i + (j - (n - 1) / 2) * (0.8 / n) for i in range(len(heads))]
             ax.bar(
-                [x + 0.2 for x in xs], [r.pooler_fwd_bwd_ms for r in results], 0.4, label="fwd+bwd"
+                xs,
+                [m or 0.0 for m, _ in stats],
+                0.8 / n,
+                yerr=[sd or 0.0 for _, sd in stats],
+                capsize=3,
+                label=label if n > 1 else None,
             )
+        if n > 1:
             ax.legend(fontsize=8)
-        else:
-            ax.bar(range(len(results)), vals)
-        ax.set_xticks(range(len(results)), names, rotation=25, fontsize=7, ha="right")
+        ax.set_xticks(range(len(heads)), names, rotation=25, fontsize=7, ha="right")
         ax.set_title(title, fontsize=10)
         ax.set_ylabel(ylabel, fontsize=9)
     fig.tight_layout()
@@ -652,6 +824,8 @@ def write_plots(results: Sequence[HeadResult], output_dir: Path) -> list[str]:
 def write_report(
     results: Sequence[HeadResult], output_dir: Path, command: str, elapsed_s: float | None = None
 ) -> dict:
+    """``report.md``, ``report.json`` and the plots for the runs in ``results``."""
+    output_dir = Path(output_dir)
     info = machine_description()
     info.update(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -660,8 +834,10 @@ def write_report(
     )
     if elapsed_s is not None:
         info["elapsed_s"] = round(elapsed_s, 1)
+    heads = summarize(results)
     plots = write_plots(results, output_dir)
     table = table_markdown(results)
+    verdicts = pairwise_verdicts(results, "AP")
     lines = [
         "# ROI head comparison",
         "",
@@ -675,26 +851,38 @@ def write_report(
     if elapsed_s is not None:
         lines.append(f"- wall time of this invocation: {elapsed_s / 60:.1f} min")
     iters = sorted({r.train_iters for r in results})
-    seeds = sorted({_seed_text(r.seed) for r in results})
+    seeds = sorted({r.seed for r in results})
+    per_head = sorted({len(h.runs) for h in heads})
     lines += [
-        f"- training: {', '.join(map(str, iters))} iterations per head; seed "
-        f"{', '.join(seeds)} (SEED -1: detectron2 draws one and logs it); "
-        f"{len(results)} heads, 1 run each (one training per head: differences smaller than "
-        "the run-to-run spread are not evidence)",
-    ]
-    lines += [
+        f"- training: {', '.join(map(str, iters))} iterations per run; seeds "
+        f"{', '.join(_seed_text(s) for s in seeds)} (SEED -1: detectron2 draws one and logs it); "
+        f"{len(heads)} heads, {'/'.join(map(str, per_head))} run(s) each, {len(results)} runs",
         "",
         table,
         "",
-        "AP columns: detectron2 COCOEvaluator on each config's test set (%). Training s/iter: "
-        "median of detectron2's logged iteration time after warm-up. Inference: median per image "
-        f"after {WARMUP_IMAGES} warm-up images, batch 1. Pooler: median over repeats on the RoIs "
-        "the head received for a batch of test images. FLOPs: fvcore (1 multiply-add = 1 flop), "
-        "box pooler + box head, per image, a lower bound: fvcore sees only shapes, so RoI "
-        "pooling (spp_triton's ops, torchvision roi_pool, roi_align with sampling_ratio 0) is "
-        "counted as one input read (or one bilinear sample) per bin, while real RoIs read more "
-        "(one trial: 151,200 counted vs 794,592 exact from torch's FlopCounterMode); roi_align "
-        "with a fixed sampling_ratio is counted exactly (4 reads per sample + 1 divide per bin).",
+        "Each cell: mean ± sample standard deviation over the head's runs (one value for a single "
+        "run). AP columns: detectron2 COCOEvaluator on each config's test set (%). Training "
+        "s/iter: median of detectron2's logged iteration time after warm-up. Inference: median "
+        f"per image after {WARMUP_IMAGES} warm-up images, batch 1. Pooler: median over repeats "
+        "on the RoIs the head received for a batch of test images. FLOPs: fvcore (1 "
+        "multiply-add = 1 flop), box pooler + box head, per image, a lower bound: fvcore sees "
+        "only shapes, so RoI pooling (spp_triton's ops, torchvision roi_pool, roi_align with "
+        "sampling_ratio 0) is counted as one input read (or one bilinear sample) per bin, "
+        "while real RoIs read more (one trial: 151,200 counted vs 794,592 exact from torch's "
+        "FlopCounterMode); roi_align with a fixed sampling_ratio is counted exactly (4 reads "
+        "per sample + 1 divide per bin).",
+        "",
+        "## Which differences exceed the spread (AP)",
+        "",
+        "A difference exceeds the spread when it is larger than the two heads' standard "
+        "deviations added (their mean ± std ranges do not overlap); a rough rule with few "
+        "runs, not a significance test.",
+        "",
+        *(verdict_sentences(verdicts) or ["- (one head: nothing to compare)"]),
+        "",
+        "## Runs",
+        "",
+        runs_markdown(results),
         "",
         *[f"![{p}]({p})" for p in plots],
         "",
@@ -703,8 +891,15 @@ def write_report(
     if uncounted:
         lines.append(f"Ops fvcore did not count (0 FLOPs): {', '.join(uncounted)}")
     (output_dir / "report.md").write_text("\n".join(lines) + "\n")
-    payload = {"info": info, "heads": [r.__dict__ for r in results], "plots": plots}
+    payload = {
+        "info": info,
+        "heads": [h.to_dict() for h in heads],
+        "comparisons": verdicts,
+        "runs": [r.__dict__ for r in results],
+        "plots": plots,
+    }
     (output_dir / "report.json").write_text(json.dumps(payload, indent=2))
     print("\n" + table + "\n", flush=True)
+    print("\n".join(verdict_sentences(verdicts)) + "\n", flush=True)
     _log(f"report: {output_dir / 'report.md'}")
     return payload

@@ -72,11 +72,12 @@ def test_tiny_comparison_writes_report_and_reuses_runs(tmp_path, mini_val, capsy
     ):
         assert needle in md
     data = json.loads((tmp_path / "report.json").read_text())
-    assert data["heads"][0]["ap"] == r.ap and data == json.loads(json.dumps(payload))
+    assert data["runs"][0]["ap"] == r.ap and data == json.loads(json.dumps(payload))
+    assert data["heads"][0]["AP"]["mean"] == pytest.approx(r.ap["AP"])
     for png in ("ap.png", "loss.png", "speed.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert (Path(r.run_dir) / "metrics.json").is_file() and Path(r.run_dir).parent == tmp_path
-    assert "iterations" in md and "1 run each" in md
+    assert "iterations per run" in md and "1 run(s) each" in md
 
     capsys.readouterr()
     again = compare.compare([config], tmp_path, TINY_OPTS)
@@ -196,3 +197,78 @@ def test_train_speed_is_median_after_warmup(tmp_path):
 def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         compare.compare(["configs/nope.yaml"], tmp_path)
+
+
+# ----------------------------------------------------------------------------- seeds and spread
+def test_seeds_plan_one_run_per_seed(tmp_path):
+    runs = compare.plan_runs([SPP124, ROIPOOL], tmp_path, seeds=3)
+    assert [(r.name, r.seed) for r in runs] == [
+        ("faster_rcnn_R_18_FPN_spp124", 42),
+        ("faster_rcnn_R_18_FPN_spp124", 43),
+        ("faster_rcnn_R_18_FPN_spp124", 44),
+        ("faster_rcnn_R_18_FPN_roipool", 42),
+        ("faster_rcnn_R_18_FPN_roipool", 43),
+        ("faster_rcnn_R_18_FPN_roipool", 44),
+    ]
+    assert len({r.run_dir for r in runs}) == 6
+    assert all(r.opts[-2:] == ("SEED", str(r.seed)) for r in runs)
+    assert "SEED" in compare._train_command(runs[1], 1)
+    with pytest.raises(ValueError, match="seeds"):
+        compare.plan_runs([SPP124], tmp_path, seeds=0)
+
+
+def _fake(name, seed, ap, train=0.5, tmp=None):
+    return compare.HeadResult(
+        name=name,
+        config=f"{name}.yaml",
+        pooler="SPP",
+        ap={k: ap + i for i, k in enumerate(compare.AP_KEYS)},
+        train_s_per_iter=train,
+        train_iters=100,
+        train_wall_s=60.0,
+        infer_ms_per_image=10.0 + seed,
+        pooler_rois=100,
+        pooler_fwd_ms=1.0,
+        pooler_fwd_bwd_ms=2.0,
+        box_head_params=1000,
+        box_head_gflops=0.1,
+        seed=seed,
+        run_dir=str(tmp / f"{name}-{seed}"),
+    )
+
+
+def test_report_gives_mean_std_runs_and_plain_verdicts(tmp_path):
+    results = [
+        _fake("a", 1, 50.0, tmp=tmp_path),
+        _fake("a", 2, 52.0, tmp=tmp_path),
+        _fake("b", 1, 40.0, tmp=tmp_path),
+        _fake("b", 2, 41.0, tmp=tmp_path),
+        _fake("c", 1, 50.5, tmp=tmp_path),
+        _fake("c", 2, 49.5, tmp=tmp_path),
+    ]
+    payload = compare.write_report(results, tmp_path, "pytest", 1.0)
+    heads = {h["name"]: h for h in payload["heads"]}
+    assert heads["a"]["runs"] == 2 and heads["a"]["seeds"] == [1, 2]
+    assert heads["a"]["AP"]["mean"] == pytest.approx(51.0)
+    assert heads["a"]["AP"]["std"] == pytest.approx(2**0.5)  # sample std of 50, 52
+    verdicts = {(v["a"], v["b"]): v for v in payload["comparisons"]}
+    assert verdicts[("a", "b")]["exceeds"] is True  # 10.5 apart, spreads 1.41 + 0.71
+    assert verdicts[("a", "c")]["exceeds"] is False  # 1.0 apart, spreads 1.41 + 0.71
+    md = (tmp_path / "report.md").read_text()
+    assert "| a | SPP | 2 | 51.0 ± 1.4 |" in md
+    assert "a beats b by 10.5 AP, more than the spread" in md
+    assert "a vs c: AP 1.0 higher, within the spread" in md
+    assert "## Runs" in md and md.count("| a | ") == 3  # summary row + 2 runs
+    assert "3 heads, 2 run(s) each, 6 runs" in md
+    assert len(payload["runs"]) == 6
+    for png in ("ap.png", "loss.png", "speed.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_single_runs_are_not_called_evidence(tmp_path):
+    results = [_fake("a", 42, 50.0, tmp=tmp_path), _fake("b", 42, 40.0, tmp=tmp_path)]
+    payload = compare.write_report(results, tmp_path, "pytest", None)
+    assert payload["comparisons"][0]["exceeds"] is None
+    md = (tmp_path / "report.md").read_text()
+    assert "the spread is unknown, so this is not evidence" in md
+    assert "| a | SPP | 1 | 50.0 |" in md

@@ -4,6 +4,8 @@
     tools/train_net.py --config-file configs/Shapes/faster_rcnn_R_18_FPN_spp124.yaml
     tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/.../model_final.pth
     tools/train_net.py --config-file CFG --resume
+    tools/train_net.py --config-file configs/LazyConfigs/shapes_faster_rcnn_R_18_FPN_spp124.py \
+        train.max_iter=200          # LazyConfigs: key=value overrides
 
 See :mod:`spp_triton.cli.train` for everything it does.
 """

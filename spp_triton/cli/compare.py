@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
         "are reused, interrupted ones resumed (default: output/compare_heads)",
     )
     parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="runs per head, with SEED s, s+1, ... from the config's SEED (default 1); the "
+        "report gives mean ± std and says which AP differences exceed the spread",
+    )
+    parser.add_argument(
         "--num-gpus", type=int, default=1, help="processes per training (spp-triton-train's)"
     )
     parser.add_argument(
@@ -69,7 +76,9 @@ def main(argv=None) -> int:
         import torch
 
         parallel = 1 if torch.cuda.is_available() else max(1, min(2, os.cpu_count() or 1))
-    results = compare(args.configs, args.output_dir, args.opts, args.num_gpus, parallel)
+    results = compare(
+        args.configs, args.output_dir, args.opts, args.num_gpus, parallel, seeds=args.seeds
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["spp-triton-compare", *argv])
     write_report(results, args.output_dir, command, time.perf_counter() - start)

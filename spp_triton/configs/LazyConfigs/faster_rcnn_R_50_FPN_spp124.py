@@ -11,8 +11,8 @@ configs when the installed detectron2 packages them, else from the self-containe
     cfg = LazyConfig.load("configs/LazyConfigs/faster_rcnn_R_50_FPN_spp124.py")
     model = instantiate(cfg.model)
 
-Train it with detectron2's ``tools/lazyconfig_train_net.py`` (after ``import spp_triton.modeling``
-so the pooler is importable).
+Train it with ``spp-triton-train --config-file configs/LazyConfigs/faster_rcnn_R_50_FPN_spp124.py``
+(``tools/train_net.py``; detectron2's lazyconfig_train_net conventions, ``key=value`` overrides).
 """
 
 import os
