@@ -404,18 +404,13 @@ def _capture_pooler_inputs(cfg, model, num_images: int):
     return captured["features"], captured["boxes"]
 
 
-def _median_ms(fn, repeats: int) -> float:
+def _median_ms(fn) -> float:
+    """The benchmark harness's timing (``do_bench`` on CUDA, ``blocked_autorange`` on CPU)."""
+    from spp_triton.bench.harness import time_fn
+
     fn()  # warm-up (and Triton compilation on a GPU)
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return time_fn(fn, device, min_run_time=0.5) * 1e3
 
 
 class _PoolerAndHead(torch.nn.Module):
@@ -433,7 +428,7 @@ class _PoolerAndHead(torch.nn.Module):
         return self.head(self.pooler(features, boxes))
 
 
-def measure_box_head(cfg, model, num_images: int = 8, repeats: int = 10) -> dict:
+def measure_box_head(cfg, model, num_images: int = 8) -> dict:
     """Pooler timings on real RoIs; box-head parameters and FLOPs (pooler + head)."""
     from fvcore.nn import FlopCountAnalysis
 
@@ -466,8 +461,8 @@ def measure_box_head(cfg, model, num_images: int = 8, repeats: int = 10) -> dict
     uncounted = sorted(flops.unsupported_ops().keys())
     return {
         "pooler_rois": num_rois,
-        "pooler_fwd_ms": _median_ms(forward, repeats),
-        "pooler_fwd_bwd_ms": _median_ms(forward_backward, repeats),
+        "pooler_fwd_ms": _median_ms(forward),
+        "pooler_fwd_bwd_ms": _median_ms(forward_backward),
         "box_head_params": params,
         "box_head_gflops": total / 1e9 / max(len(boxes), 1),
         "flops_uncounted_ops": uncounted,
@@ -863,8 +858,9 @@ def write_report(
         "Each cell: mean ± sample standard deviation over the head's runs (one value for a single "
         "run). AP columns: detectron2 COCOEvaluator on each config's test set (%). Training "
         "s/iter: median of detectron2's logged iteration time after warm-up. Inference: median "
-        f"per image after {WARMUP_IMAGES} warm-up images, batch 1. Pooler: median over repeats "
-        "on the RoIs the head received for a batch of test images. FLOPs: fvcore (1 "
+        f"per image after {WARMUP_IMAGES} warm-up images, batch 1. Pooler: median time (CUDA "
+        "do_bench, CPU blocked_autorange; the kernel benchmark's timer) on the RoIs the head "
+        "received for a batch of test images. FLOPs: fvcore (1 "
         "multiply-add = 1 flop), box pooler + box head, per image, a lower bound: fvcore sees "
         "only shapes, so RoI pooling (spp_triton's ops, torchvision roi_pool, roi_align with "
         "sampling_ratio 0) is counted as one input read (or one bilinear sample) per bin, "

@@ -44,7 +44,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from spp_triton.compare import git_commit
+from spp_triton.runinfo import git_commit
 
 # ----------------------------------------------------------------------------------------------
 # the variant matrix
