@@ -151,7 +151,8 @@ def check_config(cfg, config: str) -> None:
     and the model built once; raises ``ValueError`` naming the config and the key."""
     from detectron2.modeling import build_model
 
-    from spp_triton.modeling import register_datasets, validate_config, validate_datasets
+    from spp_triton.engine import register_datasets
+    from spp_triton.modeling import validate_config, validate_datasets
 
     register_datasets()
     try:
@@ -355,7 +356,7 @@ class _TimedModel(torch.nn.Module):
 
 def _load_cfg(run: Run):
     """The run's config as its training saw it (plus the test set), for evaluation."""
-    from spp_triton.modeling import register_datasets, resolve_device
+    from spp_triton.engine import register_datasets, resolve_device
 
     cfg = _resolved_cfg(run.path, run.opts)
     cfg.OUTPUT_DIR = str(run.run_dir)
@@ -369,7 +370,7 @@ def evaluate(cfg, model) -> tuple[dict[str, float], float]:
     """COCO AP on the first test dataset and the median inference time per image (ms)."""
     from detectron2.evaluation import inference_on_dataset
 
-    from spp_triton.modeling import Trainer
+    from spp_triton.engine import Trainer
 
     dataset = cfg.DATASETS.TEST[0]
     loader = Trainer.build_test_loader(cfg, dataset)
@@ -472,7 +473,7 @@ def measure_box_head(cfg, model, num_images: int = 8) -> dict:
 def evaluate_and_measure(run: Run) -> dict:
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from spp_triton.modeling import Trainer
+    from spp_triton.engine import Trainer
 
     cfg = _load_cfg(run)
     model = Trainer.build_model(cfg)

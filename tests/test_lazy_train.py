@@ -29,13 +29,8 @@ from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # no
 from detectron2.engine import default_argument_parser  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from spp_triton.modeling import (  # noqa: E402
-    SPPROIPooler,
-    add_spp_config,
-    build_model,
-    fast_coco_eval_available,
-    setup,
-)
+from spp_triton.engine import fast_coco_eval_available, setup  # noqa: E402
+from spp_triton.modeling import SPPROIPooler, add_spp_config, build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_NET = REPO / "tools" / "train_net.py"
@@ -75,7 +70,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def mini_val():
     """The first 8 shapes_val images (as tests/test_compare_heads.py registers them)."""
-    import spp_triton.modeling  # noqa: F401  (registers shapes_*)
+    import spp_triton.data  # noqa: F401  (registers shapes_*)
 
     if MINI not in DatasetCatalog.list():
         full = MetadataCatalog.get("shapes_val")
@@ -245,7 +240,7 @@ def test_shapes_lazy_config_trains_as_the_yacs_config():
 
 
 def test_setup_lazy_validates_before_writing(tmp_path, mini_val):
-    from spp_triton.modeling.lazy import setup_lazy
+    from spp_triton.engine import setup_lazy
 
     out = tmp_path / "out"
     base = ["--config-file", LAZY_CFG, f"train.output_dir={out}"]
@@ -450,8 +445,7 @@ def test_lazy_resume_is_exact(tmp_path):
 def test_lazy_run_matches_yacs_run(tmp_path):
     """The same tiny settings through the yacs config and the LazyConfig: the same seed, model,
     data, optimizer and (constant) learning rate reach bitwise the same weights."""
-    from spp_triton.modeling import Trainer
-    from spp_triton.modeling.lazy import main_lazy
+    from spp_triton.engine import Trainer, main_lazy
 
     yacs_opts = {
         "MODEL.FPN.OUT_CHANNELS": "16",

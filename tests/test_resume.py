@@ -1,7 +1,7 @@
 """Training survives interruption: a Shapes run stopped after a checkpoint and resumed with
 ``--resume`` reaches bitwise the same weights at iteration N as an uninterrupted run (CPU, one
 thread, ``DATALOADER.NUM_WORKERS 0``). The trainer replays the data loader to the checkpoint and
-restores the random states saved with it (``spp_triton.modeling.train.Trainer.resume_or_load``).
+restores the random states saved with it (``spp_triton.engine.Trainer.resume_or_load``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ pytest.importorskip("detectron2")
 
 from detectron2.engine import HookBase, default_argument_parser  # noqa: E402
 
-from spp_triton.modeling import Trainer, setup  # noqa: E402
+from spp_triton.engine import Trainer, setup  # noqa: E402
 
 CONFIG = "configs/Shapes/faster_rcnn_R_18_FPN_spp124.yaml"
 STOP_AFTER = 3  # 0-based iteration after which the first run "crashes" (a checkpoint is there)

@@ -20,9 +20,11 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import tiny_model_opts  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 
-from spp_triton.modeling import SPPROIPooler, Trainer, setup  # noqa: E402
+from spp_triton.engine import Trainer, setup  # noqa: E402
+from spp_triton.modeling import SPPROIPooler  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_NET = REPO / "tools" / "train_net.py"
@@ -30,16 +32,7 @@ SPP_CFG = REPO / "configs" / "Shapes" / "faster_rcnn_R_18_FPN_spp124.yaml"
 
 # Small and fast; the data are the embedded shapes datasets.
 TINY = [
-    "MODEL.FPN.OUT_CHANNELS",
-    "16",
-    "MODEL.ROI_BOX_HEAD.FC_DIM",
-    "64",
-    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
-    "64",
-    "MODEL.RPN.POST_NMS_TOPK_TEST",
-    "32",
-    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-    "32",
+    *tiny_model_opts(fc_dim=64),
     "INPUT.MIN_SIZE_TRAIN",
     "(96,)",
     "INPUT.MAX_SIZE_TRAIN",

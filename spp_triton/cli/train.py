@@ -8,7 +8,7 @@ spp_triton's box poolers.
     spp-triton-train --config-file CFG --resume          # continue from OUTPUT_DIR's last one
 
 LazyConfigs (``.py``) train with detectron2's ``lazyconfig_train_net`` conventions
-(:mod:`spp_triton.modeling.lazy`); trailing ``key=value`` arguments override them:
+(:mod:`spp_triton.engine.lazy`); trailing ``key=value`` arguments override them:
 
     spp-triton-train --config-file configs/LazyConfigs/shapes_faster_rcnn_R_18_FPN_spp124.py \
         train.max_iter=100 dataloader.train.total_batch_size=4
@@ -28,11 +28,11 @@ import sys
 
 def main(args):
     """One process's work: train, or evaluate with ``--eval-only``; a ``.py`` config goes to the
-    LazyConfig path (:func:`spp_triton.modeling.lazy.main_lazy`), anything else to yacs."""
-    from spp_triton.modeling.lazy import is_lazy_config
+    LazyConfig path (:func:`spp_triton.engine.main_lazy`), anything else to yacs."""
+    from spp_triton.engine import is_lazy_config
 
     if is_lazy_config(getattr(args, "config_file", "")):
-        from spp_triton.modeling.lazy import main_lazy
+        from spp_triton.engine import main_lazy
 
         return main_lazy(args)
 
@@ -40,7 +40,7 @@ def main(args):
     from detectron2.evaluation import verify_results
     from detectron2.utils import comm
 
-    from spp_triton.modeling import Trainer, setup
+    from spp_triton.engine import Trainer, setup
 
     cfg = setup(args)
     if args.eval_only:
@@ -66,7 +66,7 @@ def build_parser():
 
 
 def invoke_main(argv=None):
-    from spp_triton.modeling import launch
+    from spp_triton.engine import launch
 
     args = build_parser().parse_args(argv)
     print("Command Line Args:", args)

@@ -36,7 +36,9 @@ Registration
 ------------
 Importing this package registers ``shapes_train`` and ``shapes_val`` with detectron2's
 ``DatasetCatalog``/``MetadataCatalog`` (when detectron2 is installed) *without* generating
-anything: each is registered with a loader that first calls :func:`ensure_shapes_dataset` (a
+anything; this is the one place their names are registered (:mod:`spp_triton.engine` imports
+this package, and its ``register_datasets(cfg)`` only generates the files a config uses).
+Each is registered with a loader that first calls :func:`ensure_shapes_dataset` (a
 no-op once the cache is complete) and then ``load_coco_json``, and with the metadata that
 ``register_coco_instances`` would set (``json_file``, ``image_root``, ``evaluator_type="coco"``)
 plus ``thing_classes`` and ``thing_dataset_id_to_contiguous_id``. ``COCOEvaluator`` reads

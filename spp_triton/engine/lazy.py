@@ -16,16 +16,15 @@ detectron2's package nor spp_triton), with spp_triton's training pieces:
   ``default_setup`` (logger, ``config.yaml``, seeding);
 * :func:`do_train`: ``SimpleTrainer`` / ``AMPTrainer`` with detectron2's hooks (IterationTimer,
   LRScheduler, PeriodicCheckpointer, EvalHook, PeriodicWriter) and spp_triton's
-  :class:`~spp_triton.modeling.train.FiniteCheckpointer`; ``--resume`` continues exactly as the
+  :class:`~spp_triton.engine.checkpoint.FiniteCheckpointer`; ``--resume`` continues exactly as the
   yacs path does (data loader replayed, random states restored); DDP on CPU over gloo;
 * :func:`do_test`: ``inference_on_dataset`` with ``dataloader.test`` and ``dataloader.evaluator``
   (``dataloader.evaluator=null`` turns evaluation off);
 * :func:`main_lazy`: one process's work (``launch`` runs it in every process).
 
-Also the pieces LazyConfigs of spp_triton models use: :func:`basic_resnet_stages` (the R-18 /
-R-34 basic-block stages of any width of :mod:`spp_triton.modeling.backbone`),
-:func:`spp_pooled_shape` (what a box head receives from an ``SPPROIPooler``) and
-:class:`ClippedSGD` (SGD with yacs' per-parameter ``SOLVER.CLIP_GRADIENTS``).
+The pieces LazyConfigs of spp_triton models use live with the model parts and the solver:
+:func:`spp_triton.modeling.basic_resnet_stages`, :func:`spp_triton.modeling.spp_pooled_shape`,
+:class:`spp_triton.engine.ClippedSGD`.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ import os
 
 import torch
 from detectron2.config import LazyConfig, instantiate
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.engine import (
     AMPTrainer,
     SimpleTrainer,
@@ -44,22 +43,18 @@ from detectron2.engine import (
     default_writers,
     hooks,
 )
-from detectron2.engine.defaults import create_ddp_model as d2_create_ddp_model
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
-from detectron2.layers import ShapeSpec
-from detectron2.modeling.backbone.resnet import BasicBlock, ResNet
 from detectron2.utils import comm
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from spp_triton.modeling.backbone import _BLOCKS_PER_STAGE
-from spp_triton.modeling.config import _BUILTIN_DATASET_PREFIXES
-from spp_triton.modeling.poolers import normalize_levels
-from spp_triton.modeling.train import (
-    FiniteCheckpointer,
+from spp_triton.engine.checkpoint import FiniteCheckpointer, resume_exactly
+from spp_triton.engine.defaults import (
+    ensure_evaluator_files,
     fast_coco_eval_available,
     register_datasets,
-    set_rng_state,
 )
+from spp_triton.engine.trainer import create_ddp_model
+from spp_triton.modeling.config import _BUILTIN_DATASET_PREFIXES
 
 __all__ = [
     "is_lazy_config",
@@ -68,13 +63,8 @@ __all__ = [
     "do_train",
     "do_test",
     "main_lazy",
-    "basic_resnet_stages",
-    "spp_pooled_shape",
-    "ClippedSGD",
     "DEFAULT_TRAIN",
 ]
-
-logger = logging.getLogger("spp_triton.modeling")
 
 #: detectron2's ``configs/common/train.py``: the values of ``train`` keys a config leaves out.
 DEFAULT_TRAIN = {
@@ -95,75 +85,6 @@ _MISSING = object()
 def is_lazy_config(config_file) -> bool:
     """Whether ``--config-file`` names a LazyConfig (a ``.py`` file) rather than a yacs one."""
     return os.fspath(config_file or "").endswith(".py")
-
-
-# --------------------------------------------------------------------------------------------
-# Pieces for LazyConfigs of spp_triton models
-# --------------------------------------------------------------------------------------------
-
-
-def basic_resnet_stages(depth: int = 18, in_channels: int = 64, out_channels: int = 64, norm="BN"):
-    """The four basic-block stages (res2..res5) of an R-18 / R-34 of any width, for
-    ``L(ResNet)(stages=L(basic_resnet_stages)(...))``: ``in_channels`` is the stem's width,
-    ``out_channels`` res2's (stage widths ``out_channels * (1, 2, 4, 8)``): exactly the stages of
-    :func:`spp_triton.modeling.build_basic_resnet_backbone` with ``RES2_OUT_CHANNELS`` =
-    ``out_channels`` and ``STEM_OUT_CHANNELS`` = ``in_channels``."""
-    if depth not in _BLOCKS_PER_STAGE:
-        raise ValueError(f"basic_resnet_stages: depth must be 18 or 34, got {depth!r}")
-    stages = []
-    for index, num_blocks in enumerate(_BLOCKS_PER_STAGE[depth]):
-        first_stride = 1 if index == 0 else 2
-        stages.append(
-            ResNet.make_stage(
-                block_class=BasicBlock,
-                num_blocks=num_blocks,
-                stride_per_block=[first_stride] + [1] * (num_blocks - 1),
-                in_channels=in_channels,
-                out_channels=out_channels,
-                norm=norm,
-            )
-        )
-        in_channels, out_channels = out_channels, out_channels * 2
-    return stages
-
-
-def spp_pooled_shape(channels: int, levels) -> ShapeSpec:
-    """What a box head receives from an ``SPPROIPooler(levels=levels)`` on ``channels``-wide
-    features: ``ShapeSpec(channels=channels * sum(bh * bw), height=1, width=1)``. Lets a config
-    derive the box head's input from the FPN width and the levels by interpolation."""
-    if isinstance(levels, ListConfig):
-        levels = OmegaConf.to_container(levels)
-    bins = sum(bh * bw for bh, bw in normalize_levels(levels))
-    return ShapeSpec(channels=int(channels) * bins, height=1, width=1)
-
-
-class ClippedSGD(torch.optim.SGD):
-    """``torch.optim.SGD`` that clips each parameter's gradient before the step, as detectron2's
-    yacs ``SOLVER.CLIP_GRADIENTS`` (``CLIP_TYPE`` "norm": ``clip_grad_norm_(p, clip_value,
-    norm_type)`` per parameter; "value": ``clip_grad_value_(p, clip_value)``) does.
-
-    A LazyConfig ``optimizer`` like any other: ``L(ClippedSGD)(params=..., lr=..., momentum=...,
-    clip_type="norm", clip_value=5.0)``; its ``params.model`` is filled in by the trainer.
-    """
-
-    def __init__(
-        self, params, *, clip_type: str = "norm", clip_value: float = 5.0, norm_type=2.0, **kw
-    ):
-        if clip_type not in ("norm", "value"):
-            raise ValueError(f"ClippedSGD: clip_type must be 'norm' or 'value', got {clip_type!r}")
-        if not clip_value > 0:
-            raise ValueError(f"ClippedSGD: clip_value must be > 0, got {clip_value!r}")
-        super().__init__(params, **kw)
-        self.clip_type, self.clip_value, self.norm_type = clip_type, float(clip_value), norm_type
-
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self.clip_type == "norm":
-                    torch.nn.utils.clip_grad_norm_(p, self.clip_value, self.norm_type)
-                else:
-                    torch.nn.utils.clip_grad_value_(p, self.clip_value)
-        return super().step(closure)
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,7 +260,7 @@ def _validate_train(cfg) -> None:
 
 def resolve_lazy_device(cfg) -> list[str]:
     """``train.device`` cuda without CUDA -> cpu, and AMP off on CPU (detectron2's AMPTrainer
-    needs CUDA), in place; as :func:`~spp_triton.modeling.resolve_device` for yacs'
+    needs CUDA), in place; as :func:`~spp_triton.engine.resolve_device` for yacs'
     ``MODEL.DEVICE``. Returns a message for each change."""
     notes = []
     device = str(cfg.train.device)
@@ -484,32 +405,13 @@ def setup_lazy(args):
 # --------------------------------------------------------------------------------------------
 
 
-def _create_ddp_model(model, **kwargs):
-    """detectron2's ``create_ddp_model``; a CPU model gets ``device_ids=None`` (DDP rejects
-    ``[local_rank]`` for CPU modules)."""
-    first = next(model.parameters(), None)
-    if comm.get_world_size() > 1 and first is not None and first.device.type == "cpu":
-        kwargs.setdefault("device_ids", None)
-    return d2_create_ddp_model(model, **kwargs)
-
-
-def _ensure_evaluator_files(cfg) -> None:
-    """COCOEvaluator opens its dataset's ``json_file`` when it is built; datasets registered
-    lazily (the shapes datasets generate their files on first load) may not have it yet."""
-    for names in dataset_names(cfg, train=False).values():
-        for name in names:
-            json_file = getattr(MetadataCatalog.get(name), "json_file", None)
-            if json_file and not os.path.exists(json_file):
-                DatasetCatalog.get(name)
-
-
 def do_test(cfg, model):
     """Evaluate ``model`` on ``dataloader.test`` with ``dataloader.evaluator``; returns the
     results (``{"bbox": {"AP": ...}}``), or None when the config has no evaluator."""
     if OmegaConf.select(cfg, "dataloader.evaluator", default=None) is None:
         logging.getLogger("detectron2").info("No dataloader.evaluator: not evaluating")
         return None
-    _ensure_evaluator_files(cfg)
+    ensure_evaluator_files(n for names in dataset_names(cfg, train=False).values() for n in names)
     results = inference_on_dataset(
         model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
     )
@@ -529,7 +431,7 @@ def do_train(args, cfg):
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
 
-    model = _create_ddp_model(model, **cfg.train.ddp)
+    model = create_ddp_model(model, **cfg.train.ddp)
     trainer_cls = AMPTrainer if cfg.train.amp.enabled else SimpleTrainer
     trainer = trainer_cls(model, train_loader, optimizer)
     checkpointer = FiniteCheckpointer(model, cfg.train.output_dir, trainer=trainer)
@@ -558,16 +460,8 @@ def do_train(args, cfg):
 
     checkpoint = checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
     start_iter = 0
-    if args.resume and checkpointer.has_checkpoint():
-        # The checkpoint holds the iteration that had just finished. As the yacs Trainer does:
-        # replay the data loader to there and restore the random states saved with it, so a
-        # resumed run reaches the weights an uninterrupted one reaches.
-        start_iter = trainer.iter + 1
-        data = trainer._data_loader_iter  # an attribute on v0.6, a property on main
-        for _ in range(start_iter):
-            next(data)
-        if checkpoint and "rng" in checkpoint:
-            set_rng_state(checkpoint["rng"])
+    if args.resume and checkpointer.has_checkpoint():  # as the yacs Trainer: exactly
+        start_iter = resume_exactly(trainer, checkpoint)
     trainer.train(start_iter, cfg.train.max_iter)
     return last.get("results")
 
@@ -581,7 +475,7 @@ def main_lazy(args):
         return do_train(args, cfg)
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
-    model = _create_ddp_model(model)
+    model = create_ddp_model(model)
     if not cfg.train.init_checkpoint and not args.resume:
         logging.getLogger("detectron2").warning(
             "--eval-only without train.init_checkpoint: evaluating randomly initialised weights"

@@ -1,4 +1,5 @@
-"""detectron2 integration of spp_triton. Importing this package registers ``SPPROIHeads``.
+"""detectron2 model parts of spp_triton. Importing this package registers ``SPPROIHeads`` and the
+basic-block ResNet backbones in detectron2's registries; nothing else happens on import.
 
 * :func:`add_spp_config` / :func:`validate_config`: the ``MODEL.SPP`` keys and their checks;
   :func:`build_model`: detectron2's ``build_model`` after those checks.
@@ -8,15 +9,14 @@
   ``MODEL.ROI_BOX_HEAD.POOLER_TYPE`` ("SPP", "TritonROIPool", or detectron2's own).
 * ``build_basic_resnet_backbone`` / ``build_basic_resnet_fpn_backbone``: R-18 / R-34 of any width
   (detectron2's fix RES2_OUT_CHANNELS at 64), registered as backbones.
-* :class:`Trainer`, :func:`setup`, :func:`launch`: what ``tools/train_net.py`` runs for yacs
-  configs; :func:`setup_lazy`, :func:`main_lazy` (:mod:`spp_triton.modeling.lazy`): for
-  LazyConfigs (``.py``), with :class:`ClippedSGD`, :func:`basic_resnet_stages` and
-  :func:`spp_pooled_shape` for the configs of spp_triton models.
+* :func:`basic_resnet_stages`, :func:`spp_pooled_shape`: the same parts for LazyConfigs.
 
-Importing it also registers the embedded datasets of :mod:`spp_triton.data`.
+Training (config set-up, trainer, launch, the LazyConfig path) is :mod:`spp_triton.engine`; the
+embedded datasets are :mod:`spp_triton.data`.
 """
 
 from spp_triton.modeling.backbone import (
+    basic_resnet_stages,
     build_basic_resnet_backbone,
     build_basic_resnet_fpn_backbone,
 )
@@ -25,36 +25,20 @@ from spp_triton.modeling.config import (
     SPP_MODES,
     add_spp_config,
     build_model,
+    freeze_validated,
     validate_config,
     validate_datasets,
 )
-from spp_triton.modeling.lazy import (
-    ClippedSGD,
-    basic_resnet_stages,
-    main_lazy,
-    setup_lazy,
-    spp_pooled_shape,
-)
 from spp_triton.modeling.poolers import SPPROIPooler, TritonROIPooler
-from spp_triton.modeling.roi_heads import SPPROIHeads, build_spp_box_pooler
-from spp_triton.modeling.train import (
-    FiniteCheckpointer,
-    Trainer,
-    fast_coco_eval_available,
-    launch,
-    register_datasets,
-    resolve_device,
-    setup,
-)
-
-# The embedded shapes datasets (shapes_train / shapes_val), so configs can name them.
-register_datasets()
+from spp_triton.modeling.roi_heads import SPPROIHeads, build_spp_box_pooler, spp_pooled_shape
 
 __all__ = [
     "build_basic_resnet_backbone",
     "build_basic_resnet_fpn_backbone",
+    "basic_resnet_stages",
     "add_spp_config",
     "build_model",
+    "freeze_validated",
     "validate_config",
     "validate_datasets",
     "BOX_POOLER_TYPES",
@@ -63,16 +47,5 @@ __all__ = [
     "TritonROIPooler",
     "SPPROIHeads",
     "build_spp_box_pooler",
-    "Trainer",
-    "FiniteCheckpointer",
-    "setup",
-    "launch",
-    "register_datasets",
-    "resolve_device",
-    "fast_coco_eval_available",
-    "setup_lazy",
-    "main_lazy",
-    "ClippedSGD",
-    "basic_resnet_stages",
     "spp_pooled_shape",
 ]

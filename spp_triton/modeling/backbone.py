@@ -12,6 +12,7 @@ builders are detectron2's R-18 / R-34 otherwise: the same ``BasicStem``, ``Basic
 * ``build_basic_resnet_backbone``: the ResNet alone (single-map detectors, e.g. SPP-net style).
 * ``build_basic_resnet_fpn_backbone``: with detectron2's FPN and its P6 max-pool level, as
   ``build_resnet_fpn_backbone`` does.
+* ``basic_resnet_stages``: the four stages alone, for LazyConfigs (``L(ResNet)(stages=...)``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet
 
-__all__ = ["build_basic_resnet_backbone", "build_basic_resnet_fpn_backbone"]
+__all__ = [
+    "build_basic_resnet_backbone",
+    "build_basic_resnet_fpn_backbone",
+    "basic_resnet_stages",
+]
 
 _BLOCKS_PER_STAGE = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
@@ -45,17 +50,16 @@ def _check(cfg) -> None:
         )
 
 
-@BACKBONE_REGISTRY.register()
-def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
-    """R-18 / R-34 with stage widths ``RES2_OUT_CHANNELS * (1, 2, 4, 8)`` (see module doc)."""
-    _check(cfg)
-    r = cfg.MODEL.RESNETS
-    stem = BasicStem(
-        in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM
-    )
-    in_channels, out_channels = r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+def basic_resnet_stages(depth: int = 18, in_channels: int = 64, out_channels: int = 64, norm="BN"):
+    """The four basic-block stages (res2..res5) of an R-18 / R-34 of any width, for
+    ``L(ResNet)(stages=L(basic_resnet_stages)(...))``: ``in_channels`` is the stem's width,
+    ``out_channels`` res2's (stage widths ``out_channels * (1, 2, 4, 8)``): exactly the stages of
+    :func:`spp_triton.modeling.build_basic_resnet_backbone` with ``RES2_OUT_CHANNELS`` =
+    ``out_channels`` and ``STEM_OUT_CHANNELS`` = ``in_channels``."""
+    if depth not in _BLOCKS_PER_STAGE:
+        raise ValueError(f"basic_resnet_stages: depth must be 18 or 34, got {depth!r}")
     stages = []
-    for index, num_blocks in enumerate(_BLOCKS_PER_STAGE[r.DEPTH]):
+    for index, num_blocks in enumerate(_BLOCKS_PER_STAGE[depth]):
         first_stride = 1 if index == 0 else 2
         stages.append(
             ResNet.make_stage(
@@ -64,10 +68,22 @@ def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
                 stride_per_block=[first_stride] + [1] * (num_blocks - 1),
                 in_channels=in_channels,
                 out_channels=out_channels,
-                norm=r.NORM,
+                norm=norm,
             )
         )
         in_channels, out_channels = out_channels, out_channels * 2
+    return stages
+
+
+@BACKBONE_REGISTRY.register()
+def build_basic_resnet_backbone(cfg, input_shape: ShapeSpec) -> ResNet:
+    """R-18 / R-34 with stage widths ``RES2_OUT_CHANNELS * (1, 2, 4, 8)`` (see module doc)."""
+    _check(cfg)
+    r = cfg.MODEL.RESNETS
+    stem = BasicStem(
+        in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM
+    )
+    stages = basic_resnet_stages(r.DEPTH, r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS, r.NORM)
     return ResNet(stem, stages, out_features=r.OUT_FEATURES, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
 
 

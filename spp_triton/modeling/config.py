@@ -2,7 +2,11 @@
 
 Call :func:`add_spp_config` on a detectron2 ``get_cfg()`` before ``merge_from_file``; call
 :func:`validate_config` after all merges (``tools/train_net.py`` does both through
-:func:`spp_triton.modeling.setup`). Every error names the offending key.
+:func:`spp_triton.engine.setup`). Every error names the offending key.
+
+Each path validates a config once: :func:`spp_triton.engine.setup` validates and then
+:func:`freeze_validated`; :func:`build_model` validates any other config (and skips one that
+:func:`freeze_validated` froze).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ __all__ = [
     "build_model",
     "validate_config",
     "validate_datasets",
+    "freeze_validated",
     "SPP_MODES",
     "SPP_POOLER_TYPES",
     "DETECTRON2_POOLER_TYPES",
@@ -93,14 +98,14 @@ def validate_config(cfg: CN) -> CN:
     if pooler_type in SPP_POOLER_TYPES:
         from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY
 
-        from spp_triton.modeling.roi_heads import SPPROIHeads
-
         name = cfg.MODEL.ROI_HEADS.NAME
         try:
             heads_cls = ROI_HEADS_REGISTRY.get(name)
         except KeyError:
             _fail("MODEL.ROI_HEADS.NAME", name, "is not a registered ROI heads class")
-        if not (isinstance(heads_cls, type) and issubclass(heads_cls, SPPROIHeads)):
+        # SPPROIHeads (spp_triton.modeling.roi_heads, which imports this module) declares the
+        # pooler types it serves; so do its subclasses.
+        if pooler_type not in getattr(heads_cls, "SPP_POOLER_TYPES", ()):
             _fail(
                 "MODEL.ROI_HEADS.NAME",
                 name,
@@ -156,12 +161,28 @@ def validate_datasets(cfg: CN, *, train: bool = True, test: bool = True) -> CN:
     return cfg
 
 
+# Set (outside the config's keys, so never dumped) by freeze_validated on the config it froze.
+_VALIDATED = "__spp_triton_validated__"
+
+
+def freeze_validated(cfg: CN) -> CN:
+    """Freeze ``cfg``, which :func:`validate_config` accepted, and mark it so that
+    :func:`build_model` does not check it again while it is frozen. The mark stays on clones and
+    across ``defrost()`` / ``freeze()``: code that defrosts such a config to change ``MODEL.SPP``
+    or ``MODEL.ROI_*`` keys calls :func:`validate_config` itself. Returns ``cfg``."""
+    cfg.freeze()
+    cfg.__dict__[_VALIDATED] = True
+    return cfg
+
+
 def build_model(cfg):
-    """detectron2's ``build_model`` after :func:`validate_config`: a config that asks for an
-    spp_triton pooler without ``SPPROIHeads`` (or with bad ``MODEL.SPP`` values) fails with a
-    message naming the key, instead of detectron2's ``Unknown pooler type: SPP``.
-    (``Trainer.build_model`` does the same.)"""
+    """detectron2's ``build_model`` on a valid config: a config that asks for an spp_triton
+    pooler without ``SPPROIHeads`` (or with bad ``MODEL.SPP`` values) fails with a message naming
+    the key, instead of detectron2's ``Unknown pooler type: SPP``. A config that
+    :func:`freeze_validated` froze (:func:`spp_triton.engine.setup`'s) is not checked again.
+    (``spp_triton.engine.Trainer.build_model`` is this function.)"""
     from detectron2.modeling import build_model as d2_build_model
 
-    validate_config(cfg)
+    if not (cfg.is_frozen() and cfg.__dict__.get(_VALIDATED)):
+        validate_config(cfg)
     return d2_build_model(cfg)

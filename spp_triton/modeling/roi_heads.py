@@ -9,6 +9,8 @@
   ``POOLER_RESOLUTION`` with the same kernels (``MODEL.SPP.MODE`` reduction).
 * anything else: detectron2's own ``ROIPooler`` and box head, exactly as ``StandardROIHeads``.
 
+:func:`spp_pooled_shape` is what a box head receives from an ``SPPROIPooler``, for LazyConfigs.
+
 Mask and keypoint heads are untouched (their own poolers and POOLER_TYPEs).
 """
 
@@ -16,17 +18,19 @@ from __future__ import annotations
 
 import inspect
 
+from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import (
     ROI_HEADS_REGISTRY,
     FastRCNNOutputLayers,
     StandardROIHeads,
     build_box_head,
 )
+from omegaconf import ListConfig, OmegaConf
 
-from spp_triton.modeling.config import SPP_POOLER_TYPES, validate_config
-from spp_triton.modeling.poolers import SPPROIPooler, TritonROIPooler
+from spp_triton.modeling.config import SPP_POOLER_TYPES
+from spp_triton.modeling.poolers import SPPROIPooler, TritonROIPooler, normalize_levels
 
-__all__ = ["SPPROIHeads", "build_spp_box_pooler"]
+__all__ = ["SPPROIHeads", "build_spp_box_pooler", "spp_pooled_shape"]
 
 
 def build_spp_box_pooler(cfg, input_shape):
@@ -70,13 +74,29 @@ def build_spp_box_pooler(cfg, input_shape):
     return pooler, pooler.output_shape(in_channels)
 
 
+def spp_pooled_shape(channels: int, levels) -> ShapeSpec:
+    """What a box head receives from an ``SPPROIPooler(levels=levels)`` on ``channels``-wide
+    features: ``ShapeSpec(channels=channels * sum(bh * bw), height=1, width=1)``. Lets a config
+    derive the box head's input from the FPN width and the levels by interpolation."""
+    if isinstance(levels, ListConfig):
+        levels = OmegaConf.to_container(levels)
+    bins = sum(bh * bw for bh, bw in normalize_levels(levels))
+    return ShapeSpec(channels=int(channels) * bins, height=1, width=1)
+
+
 @ROI_HEADS_REGISTRY.register()
 class SPPROIHeads(StandardROIHeads):
     """``StandardROIHeads`` whose box pooler follows ``MODEL.ROI_BOX_HEAD.POOLER_TYPE``.
 
     Built by detectron2's ``build_roi_heads`` with ``MODEL.ROI_HEADS.NAME: SPPROIHeads``; works
     on FPN (``IN_FEATURES: [p2, p3, p4, p5]``) and on a single map (``[res4]``, ``[res5]``).
+    The config is not validated here: :func:`spp_triton.modeling.build_model` (and
+    :func:`spp_triton.engine.setup`) do that once, before anything is built.
     """
+
+    #: The ``MODEL.ROI_BOX_HEAD.POOLER_TYPE`` values this class builds a pooler for;
+    #: :func:`~spp_triton.modeling.validate_config` accepts a heads class that declares them.
+    SPP_POOLER_TYPES = SPP_POOLER_TYPES
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
@@ -84,7 +104,6 @@ class SPPROIHeads(StandardROIHeads):
         if pooler_type not in SPP_POOLER_TYPES:
             # detectron2's own poolers: exactly StandardROIHeads' construction.
             return super()._init_box_head(cfg, input_shape)
-        validate_config(cfg)
         box_pooler, pooled_shape = build_spp_box_pooler(cfg, input_shape)
         box_head = build_box_head(cfg, pooled_shape)
         box_predictor = FastRCNNOutputLayers(cfg, box_head.output_shape)

@@ -42,8 +42,13 @@ from detectron2.solver.build import get_default_optimizer_params
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 from omegaconf import OmegaConf
 
-from spp_triton.modeling import SPPROIHeads, SPPROIPooler
-from spp_triton.modeling.lazy import ClippedSGD, basic_resnet_stages, spp_pooled_shape
+from spp_triton.engine import ClippedSGD
+from spp_triton.modeling import (
+    SPPROIHeads,
+    SPPROIPooler,
+    basic_resnet_stages,
+    spp_pooled_shape,
+)
 
 MAX_ITER = 780
 

@@ -1,0 +1,88 @@
+"""Shared pieces of the detectron2 tests (tests/test_modeling_*.py, test_engine_*.py,
+test_configs.py): the shipped configs' paths, small yacs configs, random images, parsed
+``train_net`` arguments, and the one-thread fixture (import it into a test module to use it)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+
+from spp_triton.modeling import add_spp_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+YAML_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+SHAPES_BASE = CONFIGS / "Shapes" / "Base-Shapes-FPN.yaml"
+SPP_CFG = CONFIGS / "Shapes" / "faster_rcnn_R_18_FPN_spp124.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the test machine's 2 cores are shared, and OpenMP's 2-thread barriers
+    under contention are many times slower than one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_cfg(config_file=None, opts=()):
+    cfg = get_cfg()
+    add_spp_config(cfg)
+    if config_file is not None:
+        cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+def tiny_model_opts(fc_dim: int = 32) -> list[str]:
+    """Overrides that shrink the Shapes FPN model (narrow FPN, small heads) for fast CPU tests."""
+    return [
+        "MODEL.FPN.OUT_CHANNELS",
+        "16",
+        "MODEL.ROI_BOX_HEAD.FC_DIM",
+        str(fc_dim),
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        "64",
+        "MODEL.RPN.POST_NMS_TOPK_TEST",
+        "32",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "32",
+    ]
+
+
+def tiny_shapes_cfg(pooler_type="SPP", opts=()):
+    """The Shapes FPN model, shrunk (:func:`tiny_model_opts`) for fast CPU tests."""
+    return make_cfg(
+        SHAPES_BASE, ["MODEL.ROI_BOX_HEAD.POOLER_TYPE", pooler_type, *tiny_model_opts(), *opts]
+    )
+
+
+def random_images(n=2, size=(96, 112), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"image": torch.rand(3, *size, generator=g) * 255, "height": size[0], "width": size[1]}
+        for _ in range(n)
+    ]
+
+
+# ------------------------------------------------------------------------------ configs
+
+
+def setup_args(config_file="", opts=(), eval_only=False):
+    return argparse.Namespace(
+        config_file=str(config_file),
+        opts=list(opts),
+        eval_only=eval_only,
+        resume=False,
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+    )
