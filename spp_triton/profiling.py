@@ -57,16 +57,17 @@ unit, so that a RoIAlign/RoIPool box head's FLOPs include its pooler as the spp_
 
 Usage::
 
-    from spp_triton import profiling  # registers everything below (idempotent)
-    # detectron2's FlopCountAnalysis with the handles set (falls back past detectron2 v0.6's
-    # unconditional Caffe2 import if the install is unpatched, see _import_detectron2_analysis)
+    from spp_triton import profiling  # importing it registers nothing anywhere
+    # detectron2's FlopCountAnalysis with the handles set on it (the detectron2 that
+    # spp-triton-install-detectron2 installs; see detectron2_flop_count_analysis)
     flops = profiling.detectron2_flop_count_analysis(model, inputs)
     flops.by_operator()["multilevel_roi_spp_pool"]   # shape-only: a lower bound
 
-    # or explicitly, e.g. on a plain fvcore analysis built before the import:
+    # or on any fvcore analysis (register_flop_handles(analysis) does the same):
     fvcore.nn.FlopCountAnalysis(model, inputs).set_op_handle(**profiling.flop_handles())
 
-    with torch.utils.flop_counter.FlopCounterMode() as fc:   # built after the import
+    profiling.register_flop_formulas()   # explicit, once; before the mode is built
+    with torch.utils.flop_counter.FlopCounterMode() as fc:
         spp_triton.roi_spp_pool(x, boxes, (1, 2, 4), 1 / 16)
     fc.get_total_flops()   # exact count for these boxes
 """
@@ -75,8 +76,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -523,8 +522,10 @@ def _formulas() -> dict:
 
 def register_flop_formulas() -> None:
     """Register the ``torch.utils.flop_counter`` formulas (raw tensors: exact when real, the
-    shape-only lower bound when fake). Idempotent. A ``FlopCounterMode`` built *before* this ran
-    does not see them (it copies the registry); pass ``custom_mapping`` to such a mode instead."""
+    shape-only lower bound when fake), through torch's public ``register_flop_formula``.
+    Idempotent; importing this module does not call it. A ``FlopCounterMode`` built *before* this
+    ran does not see them (it copies the registry); pass ``custom_mapping`` to such a mode
+    instead."""
     from torch.utils import flop_counter
 
     for target, formula in _formulas().items():
@@ -532,72 +533,59 @@ def register_flop_formulas() -> None:
             flop_counter.register_flop_formula(target, get_raw=True)(formula)
 
 
-def register_flop_handles(analysis=None):
-    """Make fvcore/detectron2 ``FlopCountAnalysis`` count the spp_triton ops and torchvision's
-    ``roi_align``/``roi_pool`` (``FLOP_HANDLES``: shape-only, a **lower bound** for the RoI ops).
+def register_flop_handles(analysis, roi_size: tuple[float, float] | None = None):
+    """Make the fvcore/detectron2 ``FlopCountAnalysis`` ``analysis`` count the spp_triton ops and
+    torchvision's ``roi_align``/``roi_pool``: sets :func:`flop_handles` on it (fvcore's public
+    ``set_op_handle``) and returns it. Without ``roi_size`` the RoI ops' counts are the
+    shape-only **lower bound** (see :func:`make_flop_handles`).
 
-    With ``analysis`` (an fvcore ``JitModelAnalysis``): set the handles on it and return it.
-    Always: register the ``torch.utils.flop_counter`` formulas (spp_triton ops) and, when fvcore is
-    installed, add the handles to fvcore's default handles where it has none (so every
-    ``FlopCountAnalysis`` created later, detectron2's included, counts them). Idempotent; run on
-    import of this module.
+    This is the one way the handles reach fvcore: importing this module changes none of fvcore's
+    tables, so an analysis built without this call (or without
+    ``set_op_handle(**flop_handles())``) skips these ops, as fvcore does by default.
     """
-    register_flop_formulas()
-    try:  # ``fvcore.nn.flop_count`` is also a function name: fetch the module itself.
-        flop_count = importlib.import_module("fvcore.nn.flop_count")
-    except ModuleNotFoundError as err:  # no fvcore (a bare GPU image): the formulas suffice
-        if err.name != "fvcore":
-            raise
-        return analysis
-    for name, handle in FLOP_HANDLES.items():
-        flop_count._DEFAULT_SUPPORTED_OPS.setdefault(name, handle)
-    if analysis is not None:
-        analysis.set_op_handle(**FLOP_HANDLES)
-    return analysis
-
-
-register_flop_handles()
+    return analysis.set_op_handle(**flop_handles(roi_size))
 
 
 # ----------------------------------------------------------------------------- detectron2
 def _import_detectron2_analysis():
     """``detectron2.utils.analysis`` (whose ``FlopCountAnalysis`` traces through
-    ``detectron2.export.TracingAdapter``).
+    ``detectron2.export.TracingAdapter``), or an ``ImportError`` that says how to get it.
 
-    A plain import first: it works with detectron2's main branch and with the v0.6 that
-    ``tools/install_detectron2.py`` installs (which it patches; it also patches its earlier
-    installs in place). The fallback is for other v0.6 installs: their
-    ``detectron2/export/__init__.py`` imports the Caffe2 exporter (``from caffe2.proto import
-    caffe2_pb2``) unconditionally; PyTorch no longer ships Caffe2, so the import fails and takes
-    ``detectron2.utils.analysis`` with it. When, and only when, that is the failure, an empty
-    stand-in for ``detectron2.export.api`` (the Caffe2 exporter, unusable without Caffe2 anyway) is
-    put in ``sys.modules`` and the import is retried; ``TracingAdapter`` and the analysis are
-    detectron2's.
+    detectron2 v0.6 as released imports the Caffe2 exporter in ``detectron2/export/__init__.py``
+    unconditionally (``from caffe2.proto import caffe2_pb2``); PyTorch no longer ships Caffe2, so
+    that import fails and takes ``detectron2.utils.analysis`` with it. The v0.6 that
+    ``spp-triton-install-detectron2`` (``make setup``) installs guards that import as detectron2's
+    main branch does.
     """
     try:
         return importlib.import_module("detectron2.utils.analysis")
     except ModuleNotFoundError as err:
         if not (err.name or "").startswith("caffe2"):
             raise
-    for name in [
-        m
-        for m in sys.modules
-        if m == "detectron2.export"
-        or m.startswith(("detectron2.export.", "detectron2.utils.analysis"))
-    ]:
-        del sys.modules[name]  # half-initialised by the failed import
-    stub = types.ModuleType("detectron2.export.api")
-    stub.__doc__ = "Stand-in: detectron2's Caffe2 exporter needs caffe2, absent from PyTorch."
-    stub.__all__ = []
-    sys.modules["detectron2.export.api"] = stub
-    return importlib.import_module("detectron2.utils.analysis")
+        raise ImportError(
+            "detectron2.utils.analysis cannot be imported: this detectron2 "
+            f"({_detectron2_location()}) imports the Caffe2 exporter unconditionally (v0.6 as "
+            "released) and PyTorch no longer ships Caffe2. Reinstall detectron2 with "
+            "`spp-triton-install-detectron2` (or `make setup` in a checkout), which guards that "
+            "import as detectron2's main branch does."
+        ) from err
+
+
+def _detectron2_location() -> str:
+    try:
+        import detectron2
+    except ImportError:
+        return "not importable"
+    return str(getattr(detectron2, "__file__", None) or "unknown location")
 
 
 def detectron2_flop_count_analysis(model, inputs):
-    """``detectron2.utils.analysis.FlopCountAnalysis(model, inputs)`` with ``FLOP_HANDLES`` set
-    (spp_triton's ops and torchvision's roi_align/roi_pool; see :func:`_import_detectron2_analysis`
-    for unpatched detectron2 v0.6 installs). Counts are computed lazily (``.total()``,
-    ``.by_operator()``, ...); for the RoI pooling ops they are the shape-only **lower bound**
-    (module docstring), so a total that includes them is a lower bound too."""
+    """``detectron2.utils.analysis.FlopCountAnalysis(model, inputs)`` with the handles set
+    (:func:`register_flop_handles`: spp_triton's ops and torchvision's roi_align/roi_pool).
+    Raises ``ImportError`` naming ``spp-triton-install-detectron2`` for a detectron2 v0.6 install
+    that still imports Caffe2 (see :func:`_import_detectron2_analysis`). Counts are computed
+    lazily (``.total()``, ``.by_operator()``, ...); for the RoI pooling ops they are the
+    shape-only **lower bound** (module docstring), so a total that includes them is a lower bound
+    too."""
     analysis = _import_detectron2_analysis().FlopCountAnalysis(model, inputs)
     return register_flop_handles(analysis)

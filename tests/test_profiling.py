@@ -30,6 +30,12 @@ SPP_CONFIG = REPO / "configs" / "Shapes" / "faster_rcnn_R_18_FPN_spp124.yaml"
 ROIALIGN_CONFIG = REPO / "configs" / "Shapes" / "faster_rcnn_R_18_FPN_roialignv2.yaml"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _flop_formulas():
+    """The torch.utils.flop_counter formulas, registered by the explicit call."""
+    profiling.register_flop_formulas()
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
@@ -158,10 +164,10 @@ def test_detectron2_flop_analysis_counts_roialign_pooler():
 
 
 def test_detectron2_flop_analysis_with_an_unpatched_v06(tmp_path):
-    """detectron2_flop_count_analysis still works with a detectron2 v0.6 whose export package
-    imports the Caffe2 exporter unconditionally (an install that spp_triton's installer did not
-    patch): a copy of the installed package with v0.6's original export/__init__.py, first on
-    the path of a fresh interpreter."""
+    """With a detectron2 v0.6 whose export package imports the Caffe2 exporter unconditionally
+    (an install that spp_triton's installer did not make): a clear ImportError that names the
+    installer, and no edits of sys.modules. A copy of the installed package with v0.6's original
+    export/__init__.py, first on the path of a fresh interpreter."""
     import detectron2
 
     copy = tmp_path / "site" / "detectron2"
@@ -190,41 +196,52 @@ def test_detectron2_flop_analysis_with_an_unpatched_v06(tmp_path):
             raise AssertionError("this copy should fail on caffe2")
         from spp_triton import profiling
 
-        class M(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.conv = torch.nn.Conv2d(3, 4, 3)
-
-            def forward(self, x, rois):
-                y = self.conv(x)
-                return torch.ops.torchvision.roi_align(y, rois, 1.0, 2, 2, 2, True)
-
-        warnings.simplefilter("ignore")
-        x, rois = torch.randn(1, 3, 10, 10), torch.tensor([[0.0, 1, 1, 6, 6]])
-        fca = profiling.detectron2_flop_count_analysis(M(), (x, rois))
-        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        by_op = fca.by_operator()
-        assert by_op["conv"] == 4 * 8 * 8 * 3 * 3 * 3, by_op
-        assert by_op["roi_align"] == 1 * 4 * 2 * 2 * (4 * 2 * 2 + 1), by_op
-        assert sys.modules["detectron2.export.api"].__doc__.startswith("Stand-in")
-        print("fallback ok")
+        before = set(sys.modules)
+        try:
+            profiling.detectron2_flop_count_analysis(torch.nn.Identity(), (torch.zeros(1),))
+        except ImportError as err:
+            assert "spp-triton-install-detectron2" in str(err), err
+        else:
+            raise AssertionError("expected an ImportError")
+        assert "detectron2.export.api" not in sys.modules or "detectron2.export.api" in before
+        print("clear error ok")
         """
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "fallback ok" in proc.stdout
+    assert "clear error ok" in proc.stdout
 
 
-def test_handles_are_fvcore_defaults_after_import():
-    import importlib
-
-    defaults = importlib.import_module("fvcore.nn.flop_count")._DEFAULT_SUPPORTED_OPS
-    for name in profiling.OP_NAMES:
-        assert name in defaults and name in profiling.SPP_TRITON_FLOP_HANDLES
-    for name in profiling.TORCHVISION_OP_NAMES:
-        assert name in defaults and name in profiling.FLOP_HANDLES
+def test_importing_profiling_registers_nothing():
+    """Importing spp_triton.profiling changes neither fvcore's default handles nor torch's
+    flop_counter registry; register_flop_formulas() and register_flop_handles(analysis) do."""
+    code = textwrap.dedent(
+        """
+        import importlib
+        import torch
+        from torch.utils import flop_counter
+        fvcore_defaults = importlib.import_module("fvcore.nn.flop_count")._DEFAULT_SUPPORTED_OPS
+        before = (dict(fvcore_defaults), dict(flop_counter.flop_registry))
+        from spp_triton import profiling
+        assert (dict(fvcore_defaults), dict(flop_counter.flop_registry)) == before
+        profiling.register_flop_formulas()
+        assert dict(fvcore_defaults) == before[0]
+        assert all(op in flop_counter.flop_registry for op in profiling._formulas())
+        from fvcore.nn import FlopCountAnalysis
+        fca = profiling.register_flop_handles(FlopCountAnalysis(torch.nn.Identity(), torch.ones(1)))
+        assert set(profiling.flop_handles()) <= set(fca._op_handles)
+        assert dict(fvcore_defaults) == before[0]
+        print("clean import ok")
+        """
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "clean import ok" in proc.stdout
+    assert set(profiling.SPP_TRITON_FLOP_HANDLES) == set(profiling.OP_NAMES)
     assert set(profiling.flop_handles()) == set(profiling.OP_NAMES) | set(
         profiling.TORCHVISION_OP_NAMES
     )
