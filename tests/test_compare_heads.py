@@ -37,7 +37,7 @@ TINY_OPTS = [
 
 @pytest.fixture(scope="module")
 def mini_val():
-    import spp_triton.modeling  # noqa: F401  (registers shapes_*)
+    import spp_triton.data  # noqa: F401  (registers shapes_*)
 
     if MINI not in DatasetCatalog.list():
         full = MetadataCatalog.get("shapes_val")
