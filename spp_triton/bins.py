@@ -1,10 +1,12 @@
-"""The one definition of bin edges: RoI quantisation and the two pooling partitions.
+"""The one definition of bin geometry: levels, bin dtype, RoI quantisation and the partitions.
 
 Every pooled value in spp_triton is a reduction over a half-open rectangle
 ``[h_lo, h_hi) x [w_lo, w_hi)`` of one (image, channel) plane. This module says where those
-rectangles are. The reference, the CPU path and (through ``spp_triton.kernels.bins``, a
-line-for-line Triton transcription checked against this file in ``tests/test_bins.py``) the Triton
-kernels all use these formulas.
+rectangles are. The CPU path, the FLOP counts (``profiling``) and, through
+``spp_triton.kernels.bins`` (a line-for-line Triton transcription checked against this file in
+``tests/test_kernels.py``), the Triton kernels all use these formulas; ``tests/test_bins.py``
+checks them against torchvision's ``roi_pool`` and ``F.adaptive_max_pool2d``. Only
+``spp_triton.reference``, the test oracle, restates them independently (sharing the dtype rule).
 
 Two partitions exist:
 
@@ -19,6 +21,11 @@ Two partitions exist:
   ``[floor(p * size / n), ceil((p + 1) * size / n))``.
   Never empty for ``size >= 1``; bins overlap when ``size < n``.
 
+Levels travel in two forms only: the validated ``(bins_h, bins_w)`` pairs that
+:func:`normalize_levels` makes of the user's ints and pairs (once, at the public boundary), and the
+flat ``[bh0, bw0, bh1, bw1, ...]`` list of the ``torch.ops.spp_triton`` schemas
+(:func:`flatten_levels` / :func:`unflatten_levels`).
+
 Quantised RoI corners are clamped to ``[-COORD_LIMIT, COORD_LIMIT]`` feature pixels so that every
 later step is exact in float32 and int32 and no box, however large, indexes outside the map.
 Boxes that large are never meaningful; within the limit the result is torchvision's, bit for bit.
@@ -26,16 +33,23 @@ Boxes that large are never meaningful; within the limit the result is torchvisio
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
+
+Levels = Sequence[tuple[int, int]]
 
 # 2**22: extents stay <= 2**23 + 1, exactly representable in float32, products fit in int32.
 COORD_LIMIT = 1 << 22
 
 
 def bin_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Float dtype in which RoI bin sizes are computed for inputs of ``dtype`` (torchvision's T)."""
+    """The bin dtype rule: float64 for float64 inputs, float32 otherwise (torchvision's ``T``).
+
+    RoI scaling and bin sizes are computed in it, and sums, gradients and pooled half-precision
+    values accumulate in it (the reference, the CPU path and the kernels all ask this function).
+    """
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -90,12 +104,52 @@ def adaptive_bin_edges(size: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.
     return lo, hi
 
 
-def normalize_levels(levels: Sequence[int] | Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Levels as ``(bins_h, bins_w)`` pairs. Assumes validated input (see ``ops``)."""
-    return [
-        (int(v), int(v)) if not isinstance(v, (tuple, list)) else (int(v[0]), int(v[1]))
-        for v in levels
-    ]
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, (bool, float)):
+        raise ValueError(f"{name} must hold positive integers, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must hold positive integers, got {value!r}") from None
+    if v < 1:
+        raise ValueError(f"{name} must hold positive integers, got {v}")
+    return v
+
+
+def normalize_levels(levels, name: str = "levels") -> tuple[tuple[int, int], ...]:
+    """The user's levels (ints ``n`` for ``n x n`` bins, ``(bins_h, bins_w)`` pairs, or a 1-D int
+    tensor) as validated pairs: ``[1, 2, (3, 4)]`` -> ``((1, 1), (2, 2), (3, 4))``.
+
+    Raises ``ValueError`` naming ``name`` for anything else (empty, non-positive, non-integer).
+    """
+    if isinstance(levels, torch.Tensor):
+        levels = levels.tolist()
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {levels!r}")
+    if len(levels) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got an empty one")
+    pairs = []
+    for lv in levels:
+        if isinstance(lv, (tuple, list)):
+            if len(lv) != 2:
+                raise ValueError(
+                    f"{name}: a level is an int n or a pair (bins_h, bins_w), got {lv!r}"
+                )
+            pairs.append((_positive_int(lv[0], name), _positive_int(lv[1], name)))
+        else:
+            n = _positive_int(lv, name)
+            pairs.append((n, n))
+    return tuple(pairs)
+
+
+def flatten_levels(levels: Levels) -> list[int]:
+    """Pairs -> the ops' flat ``[bh0, bw0, bh1, bw1, ...]`` (a schema cannot hold pairs)."""
+    return [int(v) for pair in levels for v in pair]
+
+
+def unflatten_levels(levels_hw: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """The ops' flat ``[bh0, bw0, ...]`` -> pairs (inverse of :func:`flatten_levels`)."""
+    return tuple((int(levels_hw[i]), int(levels_hw[i + 1])) for i in range(0, len(levels_hw), 2))
 
 
 def pyramid_width(levels: Sequence[tuple[int, int]]) -> int:
@@ -113,3 +167,35 @@ def level_offsets(levels: Sequence[tuple[int, int]], channels: int) -> list[int]
         offsets.append(acc)
         acc += channels * bh * bw
     return offsets
+
+
+def region_bin_edges(
+    regions: torch.Tensor,
+    scales: float | torch.Tensor | None,
+    height: int,
+    width: int,
+    levels: Levels,
+    partition: str,
+    bin_dtype: torch.dtype,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per level, the clipped ``(row_lo, row_hi, col_lo, col_hi)`` of every region's bins: int64
+    ``[K, bh]`` / ``[K, bw]``. A bin is empty where ``hi <= lo`` (RoI partition only).
+
+    ``partition="roi"``: ``regions`` is ``[K, 5]`` (batch, x1, y1, x2, y2) in image coordinates
+    and ``scales`` a number or ``[K]`` tensor; the RoIs are quantised once for all levels.
+    ``partition="adaptive"``: ``regions`` is ``[K, 3]`` (batch, valid_h, valid_w); ``scales`` is
+    ignored.
+    """
+    if partition == "roi":
+        x0, y0, roi_w, roi_h = quantize_rois(regions[:, 1:5], scales, bin_dtype)
+        return [
+            (
+                *roi_bin_edges(y0, roi_h, bh, height, bin_dtype),
+                *roi_bin_edges(x0, roi_w, bw, width, bin_dtype),
+            )
+            for bh, bw in levels
+        ]
+    valid_h, valid_w = regions[:, 1], regions[:, 2]
+    return [
+        (*adaptive_bin_edges(valid_h, bh), *adaptive_bin_edges(valid_w, bw)) for bh, bw in levels
+    ]

@@ -28,7 +28,6 @@ row-major order; a bin with a NaN selects its first NaN.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,34 +35,7 @@ import torchvision  # noqa: F401  (registers torch.ops.torchvision.roi_pool)
 
 from spp_triton import bins
 
-Levels = Sequence[tuple[int, int]]
-
-
-# ----------------------------------------------------------------------------- region geometry
-def region_bin_edges(
-    regions: torch.Tensor,
-    scales: torch.Tensor | None,
-    height: int,
-    width: int,
-    levels: Levels,
-    partition: str,
-    bin_dtype: torch.dtype,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per level, clipped ``(row_lo, row_hi, col_lo, col_hi)``: int64 ``[K, bh]`` / ``[K, bw]``."""
-    if partition == "roi":
-        x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
-        return [
-            (
-                *bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype),
-                *bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype),
-            )
-            for bh, bw in levels
-        ]
-    valid_h, valid_w = regions[:, 1], regions[:, 2]
-    return [
-        (*bins.adaptive_bin_edges(valid_h, bh), *bins.adaptive_bin_edges(valid_w, bw))
-        for bh, bw in levels
-    ]
+Levels = bins.Levels
 
 
 def _batch_index(regions: torch.Tensor) -> torch.Tensor:
@@ -341,7 +313,7 @@ def _avg_single(x, regions, scales, levels, partition, bin_dtype):
     )
     b = _batch_index(regions)[:, None, None]
     outs = []
-    edges = region_bin_edges(regions, scales, height, width, levels, partition, bin_dtype)
+    edges = bins.region_bin_edges(regions, scales, height, width, levels, partition, bin_dtype)
     for r_lo, r_hi, c_lo, c_hi in edges:
 
         def box_sum(table, r_lo=r_lo, r_hi=r_hi, c_lo=c_lo, c_hi=c_hi):
@@ -371,7 +343,7 @@ def _avg_backward_single(grad_levels, shape, regions, scales, levels, partition,
     diff = torch.zeros(n_img, c, height + 1, width + 1, dtype=torch.float64, device=device)
     b = _batch_index(regions)
     ch = torch.arange(c, device=device)
-    edges = region_bin_edges(regions, scales, height, width, levels, partition, bin_dtype)
+    edges = bins.region_bin_edges(regions, scales, height, width, levels, partition, bin_dtype)
     for g, (r_lo, r_hi, c_lo, c_hi) in zip(grad_levels, edges, strict=True):
         k, bh, bw = r_lo.shape[0], r_lo.shape[1], c_lo.shape[1]
         count = ((r_hi - r_lo)[:, :, None] * (c_hi - c_lo)[:, None, :]).clamp(min=0)
@@ -393,7 +365,8 @@ def _avg_backward_single(grad_levels, shape, regions, scales, levels, partition,
 
 # ----------------------------------------------------------------------------- entry points
 def _per_feature(features, feature_index):
-    """Yield (f, x, row selector) for the maps that some region reads."""
+    """Yield (f, x, row selector) for the maps that some region reads (``feature_index`` is
+    ``None`` or ignored for one map)."""
     if len(features) == 1:
         yield 0, features[0], None
         return
@@ -410,7 +383,7 @@ def _scales_for(spatial_scales, f, count, device, bin_dtype):
 def pyramid_pool_forward(
     features: list[torch.Tensor],
     regions: torch.Tensor,
-    feature_index: torch.Tensor,
+    feature_index: torch.Tensor | None,
     spatial_scales: list[float],
     levels: Levels,
     mode: str,
@@ -459,7 +432,7 @@ def pyramid_pool_backward(
     grad_out: torch.Tensor,
     features: list[torch.Tensor],
     regions: torch.Tensor,
-    feature_index: torch.Tensor,
+    feature_index: torch.Tensor | None,
     spatial_scales: list[float],
     levels: Levels,
     mode: str,
@@ -476,7 +449,7 @@ def pyramid_pool_backward(
         g = grad_out if sel is None else grad_out[sel]
         reg = regions if sel is None else regions[sel]
         n_img, _, height, width = x.shape
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc_dtype = bins.bin_dtype_for(x.dtype)
         if reg.shape[0] == 0:
             grads.append(torch.zeros_like(x, memory_format=torch.contiguous_format))
             continue

@@ -1,4 +1,7 @@
-"""nn.Module wrappers of the functional ops (no parameters; they hold the pooling settings)."""
+"""nn.Module wrappers of the functional ops (no parameters; they hold the pooling settings).
+
+The settings are validated once, at construction; ``forward`` checks only its tensors.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from spp_triton import _checks, bins
 from spp_triton import functional as Fn
 
 
@@ -15,17 +19,17 @@ class SpatialPyramidPool(nn.Module):
 
     def __init__(self, levels: Sequence[int] = (1, 2, 4), mode: str = "max") -> None:
         super().__init__()
-        self.levels = tuple(Fn._check_levels(levels))
-        self.mode = Fn._check_mode(mode)
+        self.levels = _checks.check_levels(levels)
+        self.mode = _checks.check_mode(mode)
         self._levels_arg = list(levels)
 
     @property
     def output_multiplier(self) -> int:
         """Output features per input channel: sum(bh * bw)."""
-        return sum(bh * bw for bh, bw in self.levels)
+        return bins.pyramid_width(self.levels)
 
     def forward(self, input: torch.Tensor, image_sizes=None) -> torch.Tensor:
-        return Fn.spp_pool(input, self._levels_arg, self.mode, image_sizes)
+        return Fn._spp_pool(input, self.levels, self.mode, image_sizes)
 
     def extra_repr(self) -> str:
         return f"levels={self._levels_arg}, mode={self.mode!r}"
@@ -38,17 +42,17 @@ class RoISpatialPyramidPool(nn.Module):
         self, levels: Sequence[int] = (1, 2, 4), spatial_scale: float = 1.0, mode: str = "max"
     ) -> None:
         super().__init__()
-        self.levels = tuple(Fn._check_levels(levels))
-        self.spatial_scale = Fn._check_scale(spatial_scale)
-        self.mode = Fn._check_mode(mode)
+        self.levels = _checks.check_levels(levels)
+        self.spatial_scale = _checks.check_scale(spatial_scale)
+        self.mode = _checks.check_mode(mode)
         self._levels_arg = list(levels)
 
     @property
     def output_multiplier(self) -> int:
-        return sum(bh * bw for bh, bw in self.levels)
+        return bins.pyramid_width(self.levels)
 
     def forward(self, input: torch.Tensor, boxes) -> torch.Tensor:
-        return Fn.roi_spp_pool(input, boxes, self._levels_arg, self.spatial_scale, self.mode)
+        return Fn._roi_spp_pool(input, boxes, self.levels, self.spatial_scale, self.mode)
 
     def extra_repr(self) -> str:
         return f"levels={self._levels_arg}, spatial_scale={self.spatial_scale}, mode={self.mode!r}"
@@ -61,12 +65,12 @@ class RoIPool(nn.Module):
         self, output_size: int | tuple[int, int], spatial_scale: float = 1.0, mode: str = "max"
     ) -> None:
         super().__init__()
-        self.output_size = Fn._check_output_size(output_size)
-        self.spatial_scale = Fn._check_scale(spatial_scale)
-        self.mode = Fn._check_mode(mode)
+        self.output_size = _checks.check_output_size(output_size)
+        self.spatial_scale = _checks.check_scale(spatial_scale)
+        self.mode = _checks.check_mode(mode)
 
     def forward(self, input: torch.Tensor, boxes) -> torch.Tensor:
-        return Fn.roi_pool(input, boxes, self.output_size, self.spatial_scale, self.mode)
+        return Fn._roi_pool(input, boxes, self.output_size, self.spatial_scale, self.mode)
 
     def extra_repr(self) -> str:
         return (

@@ -1,15 +1,24 @@
 """torch.library operators ``torch.ops.spp_triton.*``: dispatch, fake kernels and autograd.
 
-Operators (inputs already validated by ``spp_triton.functional``):
+Two operators (inputs already validated by ``spp_triton.functional``):
 
-* ``spp_triton::roi_spp_pool(input, rois, levels_hw, spatial_scale, mode) -> (out, argmax)``
-* ``spp_triton::multilevel_roi_spp_pool(features, rois, feature_index, spatial_scales, levels_hw,
-  mode) -> (out, argmax)``
-* ``spp_triton::spp_pool(input, regions, levels_hw, mode) -> (out, argmax)``
-* ``spp_triton::pyramid_pool_backward(...)``: the shared backward.
+* ``spp_triton::pyramid_pool(Tensor[] features, Tensor regions, Tensor? feature_index,
+  float[] scales, int[] levels_hw, str mode, str partition, bool with_argmax=True)
+  -> (Tensor out, Tensor argmax)``: every public function is one call of it.
 
-``levels_hw`` is the flat list ``[bh0, bw0, bh1, bw1, ...]``. ``argmax`` is int32 (see
-``spp_triton.cpu``); it is empty for ``mode="avg"``.
+  - ``partition="adaptive"`` (``spp_pool``): ``regions`` is ``[N, 3]`` int64
+    (batch, valid_h, valid_w); ``scales`` is ignored (pass ``[]``).
+  - ``partition="roi"`` (``roi_pool``, ``roi_spp_pool``, ``multilevel_roi_spp_pool``):
+    ``regions`` is ``[K, 5]`` (batch, x1, y1, x2, y2) in image coordinates, in the bin dtype;
+    ``scales`` holds one spatial scale per map.
+  - ``feature_index``: int64 ``[K]``, the map each region reads; ``None`` when there is one map.
+  - ``levels_hw``: the flat ``[bh0, bw0, bh1, bw1, ...]`` (``bins.flatten_levels``).
+  - ``out``: ``[K, C * sum(bh * bw)]``, level-major, then channel, row, column. ``argmax`` is int32
+    of the same shape (see ``spp_triton.cpu``); it is empty for ``mode="avg"`` and when
+    ``with_argmax`` is False (no gradient will be needed).
+
+* ``spp_triton::pyramid_pool_backward(grad, feature_shapes, regions, feature_index, scales,
+  levels_hw, mode, partition, argmax) -> Tensor[]``: the gradient of each map.
 
 Dispatch: CUDA tensors run the Triton kernels. CPU tensors run the vectorised torch path, or, when
 ``SPP_TRITON_CPU_BACKEND=triton`` (the default when ``TRITON_INTERPRET=1``), the same Triton kernels
@@ -28,10 +37,6 @@ import torch
 from spp_triton import bins, cpu
 
 _NS = "spp_triton"
-
-
-def _pairs(levels_hw: Sequence[int]) -> list[tuple[int, int]]:
-    return [(int(levels_hw[i]), int(levels_hw[i + 1])) for i in range(0, len(levels_hw), 2)]
 
 
 def cpu_backend() -> str:
@@ -54,85 +59,41 @@ def _implementation(device: torch.device, backward: bool = False):
     return cpu
 
 
-def _forward(features, regions, feature_index, scales, levels_hw, mode, partition, with_argmax):
+# ----------------------------------------------------------------------------- forward op
+@torch.library.custom_op(f"{_NS}::pyramid_pool", mutates_args=())
+def pyramid_pool_op(
+    features: list[torch.Tensor],
+    regions: torch.Tensor,
+    feature_index: torch.Tensor | None,
+    scales: list[float],
+    levels_hw: list[int],
+    mode: str,
+    partition: str,
+    with_argmax: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _implementation(features[0].device)
     return impl.pyramid_pool_forward(
         list(features),
         regions,
         feature_index,
         list(scales),
-        _pairs(levels_hw),
+        bins.unflatten_levels(levels_hw),
         mode,
         partition,
         with_argmax=with_argmax,
     )
 
 
-def _fake_forward(features, regions, levels_hw, mode, with_argmax):
+@pyramid_pool_op.register_fake
+def _(features, regions, feature_index, scales, levels_hw, mode, partition, with_argmax=True):
     k = regions.shape[0]
-    width = features[0].shape[1] * bins.pyramid_width(_pairs(levels_hw))
+    width = features[0].shape[1] * bins.pyramid_width(bins.unflatten_levels(levels_hw))
     out = features[0].new_empty((k, width))
     if mode == "max" and with_argmax:
         argmax = features[0].new_empty((k, width), dtype=torch.int32)
     else:
         argmax = features[0].new_empty((0,), dtype=torch.int32)
     return out, argmax
-
-
-# ----------------------------------------------------------------------------- forward ops
-@torch.library.custom_op(f"{_NS}::roi_spp_pool", mutates_args=())
-def roi_spp_pool_op(
-    input: torch.Tensor,
-    rois: torch.Tensor,
-    levels_hw: list[int],
-    spatial_scale: float,
-    mode: str,
-    with_argmax: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    index = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
-    return _forward([input], rois, index, [spatial_scale], levels_hw, mode, "roi", with_argmax)
-
-
-@roi_spp_pool_op.register_fake
-def _(input, rois, levels_hw, spatial_scale, mode, with_argmax=True):
-    return _fake_forward([input], rois, levels_hw, mode, with_argmax)
-
-
-@torch.library.custom_op(f"{_NS}::multilevel_roi_spp_pool", mutates_args=())
-def multilevel_roi_spp_pool_op(
-    features: list[torch.Tensor],
-    rois: torch.Tensor,
-    feature_index: torch.Tensor,
-    spatial_scales: list[float],
-    levels_hw: list[int],
-    mode: str,
-    with_argmax: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(
-        features, rois, feature_index, spatial_scales, levels_hw, mode, "roi", with_argmax
-    )
-
-
-@multilevel_roi_spp_pool_op.register_fake
-def _(features, rois, feature_index, spatial_scales, levels_hw, mode, with_argmax=True):
-    return _fake_forward(features, rois, levels_hw, mode, with_argmax)
-
-
-@torch.library.custom_op(f"{_NS}::spp_pool", mutates_args=())
-def spp_pool_op(
-    input: torch.Tensor,
-    regions: torch.Tensor,
-    levels_hw: list[int],
-    mode: str,
-    with_argmax: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    index = torch.zeros(regions.shape[0], dtype=torch.int64, device=regions.device)
-    return _forward([input], regions, index, [1.0], levels_hw, mode, "adaptive", with_argmax)
-
-
-@spp_pool_op.register_fake
-def _(input, regions, levels_hw, mode, with_argmax=True):
-    return _fake_forward([input], regions, levels_hw, mode, with_argmax)
 
 
 # ----------------------------------------------------------------------------- backward op
@@ -149,7 +110,7 @@ def pyramid_pool_backward_op(
     grad: torch.Tensor,
     feature_shapes: list[int],
     regions: torch.Tensor,
-    feature_index: torch.Tensor,
+    feature_index: torch.Tensor | None,
     spatial_scales: list[float],
     levels_hw: list[int],
     mode: str,
@@ -163,7 +124,7 @@ def pyramid_pool_backward_op(
         regions,
         feature_index,
         list(spatial_scales),
-        _pairs(levels_hw),
+        bins.unflatten_levels(levels_hw),
         mode,
         partition,
         argmax,
@@ -182,11 +143,12 @@ def _(
 
 
 # ----------------------------------------------------------------------------- autograd
-def _save(ctx, features, regions, feature_index, scales, levels_hw, mode, partition, argmax):
+def _setup_context(ctx, inputs, output):
+    features, regions, feature_index, scales, levels_hw, mode, partition, _with_argmax = inputs
     # The backward needs only the maps' shapes (dtype and device are the gradient's): the feature
     # maps themselves are not kept alive for it.
     ctx.feature_shapes = [int(d) for f in features for d in f.shape]
-    ctx.save_for_backward(regions, feature_index, argmax)
+    ctx.save_for_backward(regions, feature_index, output[1])
     ctx.scales, ctx.levels_hw, ctx.mode, ctx.partition = (
         list(scales),
         list(levels_hw),
@@ -195,14 +157,14 @@ def _save(ctx, features, regions, feature_index, scales, levels_hw, mode, partit
     )
 
 
-def _run_backward(ctx, grad_out):
+def _backward(ctx, grad_out, _grad_argmax):
     regions, feature_index, argmax = ctx.saved_tensors
     if ctx.mode == "max" and argmax.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError(
             "spp_triton: this max-pooling output was computed with with_argmax=False (no input "
             "required grad at the time), so it cannot be differentiated"
         )
-    return pyramid_pool_backward_op(
+    grads = pyramid_pool_backward_op(
         grad_out,
         ctx.feature_shapes,
         regions,
@@ -213,40 +175,10 @@ def _run_backward(ctx, grad_out):
         ctx.partition,
         argmax,
     )
+    # autograd matches the returned structure to the inputs': an empty list input (``scales`` of
+    # an adaptive call) needs an empty list back, a non-empty list of floats a None.
+    no_scales = [] if not ctx.scales else None
+    return list(grads), None, None, no_scales, None, None, None, None
 
 
-def _roi_setup(ctx, inputs, output):
-    input, rois, levels_hw, spatial_scale, mode, _with_argmax = inputs
-    index = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
-    _save(ctx, [input], rois, index, [spatial_scale], levels_hw, mode, "roi", output[1])
-
-
-def _roi_backward(ctx, grad_out, _grad_argmax):
-    (grad_input,) = _run_backward(ctx, grad_out)
-    return grad_input, None, None, None, None, None
-
-
-def _multi_setup(ctx, inputs, output):
-    features, rois, feature_index, spatial_scales, levels_hw, mode, _with_argmax = inputs
-    _save(ctx, features, rois, feature_index, spatial_scales, levels_hw, mode, "roi", output[1])
-
-
-def _multi_backward(ctx, grad_out, _grad_argmax):
-    grads = _run_backward(ctx, grad_out)
-    return list(grads), None, None, None, None, None, None
-
-
-def _spp_setup(ctx, inputs, output):
-    input, regions, levels_hw, mode, _with_argmax = inputs
-    index = torch.zeros(regions.shape[0], dtype=torch.int64, device=regions.device)
-    _save(ctx, [input], regions, index, [1.0], levels_hw, mode, "adaptive", output[1])
-
-
-def _spp_backward(ctx, grad_out, _grad_argmax):
-    (grad_input,) = _run_backward(ctx, grad_out)
-    return grad_input, None, None, None, None
-
-
-roi_spp_pool_op.register_autograd(_roi_backward, setup_context=_roi_setup)
-multilevel_roi_spp_pool_op.register_autograd(_multi_backward, setup_context=_multi_setup)
-spp_pool_op.register_autograd(_spp_backward, setup_context=_spp_setup)
+pyramid_pool_op.register_autograd(_backward, setup_context=_setup_context)

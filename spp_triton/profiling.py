@@ -36,9 +36,10 @@ Bin areas depend on the box *values*, so there are three levels of accuracy:
   ``S(e, n)`` is the summed length of the ``n`` RoI-partition bins over an extent of ``e`` pixels
   (``>= max(e, n)``; bins share boundary pixels). Pass it to :func:`make_flop_handles`.
 
-Whole-map SPP (``spp_triton::spp_pool``) has no box values: its shape-only count assumes every
-image's valid region is the full map (exact when ``spp_pool`` was called with
-``image_sizes=None``, an upper bound otherwise); with real tensors it is exact.
+Whole-map SPP (``spp_triton::pyramid_pool`` with ``partition="adaptive"``, i.e. ``spp_pool``) has
+no box values: its shape-only count assumes every image's valid region is the full map (exact when
+``spp_pool`` was called with ``image_sizes=None``, an upper bound otherwise); with real tensors it
+is exact.
 
 torchvision's RoI ops (which fvcore does not count at all) get fvcore handles too, in the same
 unit, so that a RoIAlign/RoIPool box head's FLOPs include its pooler as the spp_triton heads' do
@@ -61,7 +62,7 @@ Usage::
     # detectron2's FlopCountAnalysis with the handles set on it (the detectron2 that
     # spp-triton-install-detectron2 installs; see detectron2_flop_count_analysis)
     flops = profiling.detectron2_flop_count_analysis(model, inputs)
-    flops.by_operator()["multilevel_roi_spp_pool"]   # shape-only: a lower bound
+    flops.by_operator()["pyramid_pool"]   # shape-only: a lower bound
 
     # or on any fvcore analysis (register_flop_handles(analysis) does the same):
     fvcore.nn.FlopCountAnalysis(model, inputs).set_op_handle(**profiling.flop_handles())
@@ -105,9 +106,7 @@ __all__ = [
 
 #: The names under which the ops appear in a ``torch.jit`` trace (fvcore handle keys).
 OP_NAMES = (
-    "spp_triton::roi_spp_pool",
-    "spp_triton::multilevel_roi_spp_pool",
-    "spp_triton::spp_pool",
+    "spp_triton::pyramid_pool",
     "spp_triton::pyramid_pool_backward",
 )
 
@@ -119,28 +118,23 @@ TORCHVISION_OP_NAMES = (
 )
 
 
-def _pairs(levels_hw: Sequence[int]) -> list[tuple[int, int]]:
-    return [(int(levels_hw[i]), int(levels_hw[i + 1])) for i in range(0, len(levels_hw), 2)]
-
-
 # ----------------------------------------------------------------------------- exact counts
 def _bin_lengths(regions, scales, height, width, levels, partition, bin_dtype):
-    """Per level, clipped bin lengths ``(rows [K, bh], cols [K, bw])`` (int64, >= 0)."""
-    out = []
-    if partition == "roi":
-        x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
-        for bh, bw in levels:
-            r_lo, r_hi = bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype)
-            c_lo, c_hi = bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype)
-            out.append(((r_hi - r_lo).clamp(min=0), (c_hi - c_lo).clamp(min=0)))
-    else:
-        valid_h = regions[:, 1].to(torch.int64).clamp(1, height)
-        valid_w = regions[:, 2].to(torch.int64).clamp(1, width)
-        for bh, bw in levels:
-            r_lo, r_hi = bins.adaptive_bin_edges(valid_h, bh)
-            c_lo, c_hi = bins.adaptive_bin_edges(valid_w, bw)
-            out.append((r_hi - r_lo, c_hi - c_lo))
-    return out
+    """Per level, clipped bin lengths ``(rows [K, bh], cols [K, bw])`` (int64, >= 0), from the
+    one bin geometry (``bins.region_bin_edges``)."""
+    if partition != "roi":  # valid sizes clamped to the map, as the kernels read them
+        regions = torch.stack(
+            [
+                regions[:, 0].to(torch.int64),
+                regions[:, 1].to(torch.int64).clamp(1, height),
+                regions[:, 2].to(torch.int64).clamp(1, width),
+            ],
+            1,
+        )
+    edges = bins.region_bin_edges(regions, scales, height, width, levels, partition, bin_dtype)
+    return [
+        ((r_hi - r_lo).clamp(min=0), (c_hi - c_lo).clamp(min=0)) for r_lo, r_hi, c_lo, c_hi in edges
+    ]
 
 
 def _area_totals(
@@ -153,7 +147,7 @@ def _area_totals(
 ) -> tuple[int, int]:
     """``(sum of bin areas, number of non-empty bins)`` over all regions and levels, one channel."""
     regions = regions.detach().to("cpu")
-    bin_dtype = torch.float64 if regions.dtype == torch.float64 else torch.float32
+    bin_dtype = bins.bin_dtype_for(regions.dtype)
     regions = regions.to(bin_dtype)
     if feature_index is None:
         feature_index = torch.zeros(regions.shape[0], dtype=torch.int64)
@@ -334,23 +328,24 @@ def _jit_list_shapes(value) -> list[list[int] | None]:
 def _levels_from(levels_value, out_width: int | None, channels: int | None):
     levels_hw = _jit_constant(levels_value)
     if levels_hw is not None:
-        return _pairs(levels_hw)
+        return bins.unflatten_levels(levels_hw)
     if out_width is not None and channels:
         return [(1, out_width // channels)]  # only P = bins per channel matters to the estimate
     raise ValueError("spp_triton flop handle: cannot determine the pyramid levels from the trace")
 
 
-def _handle_roi_like(inputs, outputs, roi_size, feature_arg: str):
-    """Shared by roi_spp_pool (one map) and multilevel_roi_spp_pool (a list of maps)."""
+def _handle_pyramid_pool(inputs, outputs, roi_size):
+    """``spp_triton::pyramid_pool(features, regions, feature_index, scales, levels_hw, mode,
+    partition, with_argmax)``: whole-map SPP (``partition="adaptive"``) or RoI pooling."""
     out_shape = _jit_shape(outputs[0])
-    if feature_arg == "single":
-        feat = _jit_shape(inputs[0])
-        channels = feat[1] if feat else None
-        levels_value, mode_value = inputs[2], inputs[4]
-    else:
-        shapes = [s for s in _jit_list_shapes(inputs[0]) if s]
-        channels = shapes[0][1] if shapes else None
-        levels_value, mode_value = inputs[4], inputs[5]
+    shapes = [s for s in _jit_list_shapes(inputs[0]) if s]
+    channels = shapes[0][1] if shapes else None
+    levels_value, mode_value = inputs[4], inputs[5]
+    if _jit_constant(inputs[6]) == "adaptive":
+        if not shapes:
+            raise ValueError("spp_triton flop handle: the trace carries no input shape")
+        levels = _levels_from(levels_value, None, channels)
+        return estimate_spp_pool_ops(shapes[0], levels, _jit_constant(mode_value) or "max")
     rois = _jit_shape(inputs[1])
     num = rois[0] if rois else (out_shape[0] if out_shape else 0)
     if channels is None:
@@ -384,18 +379,8 @@ def make_flop_handles(roi_size: tuple[float, float] | None = None) -> dict:
     exact from shapes. See the module docstring.
     """
 
-    def roi_spp_pool_handle(inputs, outputs):
-        return _handle_roi_like(inputs, outputs, roi_size, "single")
-
-    def multilevel_roi_spp_pool_handle(inputs, outputs):
-        return _handle_roi_like(inputs, outputs, roi_size, "list")
-
-    def spp_pool_handle(inputs, outputs):
-        shape = _jit_shape(inputs[0])
-        if shape is None:
-            raise ValueError("spp_triton flop handle: the trace carries no input shape")
-        levels = _levels_from(inputs[2], None, shape[1])
-        return estimate_spp_pool_ops(shape, levels, _jit_constant(inputs[3]) or "max")
+    def pyramid_pool_handle(inputs, outputs):
+        return _handle_pyramid_pool(inputs, outputs, roi_size)
 
     def backward_handle(inputs, outputs):
         # (grad, feature_shapes, regions, feature_index, scales, levels_hw, mode, partition, argmax)
@@ -419,9 +404,7 @@ def make_flop_handles(roi_size: tuple[float, float] | None = None) -> dict:
         return estimate_roi_pool_ops(k, c, (bh, bw), roi_size)
 
     return {
-        "spp_triton::roi_spp_pool": roi_spp_pool_handle,
-        "spp_triton::multilevel_roi_spp_pool": multilevel_roi_spp_pool_handle,
-        "spp_triton::spp_pool": spp_pool_handle,
+        "spp_triton::pyramid_pool": pyramid_pool_handle,
         "spp_triton::pyramid_pool_backward": backward_handle,
         "torchvision::roi_align": roi_align_handle,
         "torchvision::roi_pool": roi_pool_handle,
@@ -453,40 +436,28 @@ def _is_fake(*tensors) -> bool:
     )
 
 
-def _roi_formula(
-    input, rois, levels_hw, spatial_scale, mode, with_argmax=True, *, out_val=None, **_
-):
-    levels = _pairs(levels_hw)
-    if _is_fake(input, rois):
-        return estimate_pool_ops(rois.shape[0], input.shape[1], levels, mode)
-    return count_pool_ops([input.shape], rois, None, [spatial_scale], levels, mode)
-
-
-def _multi_formula(
+def _pool_formula(
     features,
-    rois,
+    regions,
     feature_index,
-    spatial_scales,
+    scales,
     levels_hw,
     mode,
+    partition,
     with_argmax=True,
     *,
     out_val=None,
     **_,
 ):
-    levels = _pairs(levels_hw)
-    if _is_fake(*features, rois, feature_index):
-        return estimate_pool_ops(rois.shape[0], features[0].shape[1], levels, mode)
-    return count_pool_ops(
-        [f.shape for f in features], rois, feature_index, spatial_scales, levels, mode
-    )
-
-
-def _spp_formula(input, regions, levels_hw, mode, with_argmax=True, *, out_val=None, **_):
-    levels = _pairs(levels_hw)
-    if _is_fake(input, regions):
-        return estimate_spp_pool_ops(input.shape, levels, mode)
-    return count_pool_ops([input.shape], regions, None, [1.0], levels, mode, "adaptive")
+    levels = bins.unflatten_levels(levels_hw)
+    if _is_fake(*features, regions, feature_index):
+        if partition == "adaptive":
+            return estimate_spp_pool_ops(features[0].shape, levels, mode)
+        return estimate_pool_ops(regions.shape[0], features[0].shape[1], levels, mode)
+    shapes = [f.shape for f in features]
+    if partition == "adaptive":
+        return count_pool_ops(shapes, regions, None, [1.0], levels, mode, "adaptive")
+    return count_pool_ops(shapes, regions, feature_index, scales, levels, mode)
 
 
 def _backward_formula(
@@ -506,16 +477,21 @@ def _backward_formula(
         return grad.numel() * (1 if mode == "max" else 2)
     shapes = [feature_shapes[i : i + 4] for i in range(0, len(feature_shapes), 4)]
     return count_pool_backward_ops(
-        shapes, regions, feature_index, spatial_scales, _pairs(levels_hw), mode, partition, argmax
+        shapes,
+        regions,
+        feature_index,
+        spatial_scales,
+        bins.unflatten_levels(levels_hw),
+        mode,
+        partition,
+        argmax,
     )
 
 
 def _formulas() -> dict:
     ops = torch.ops.spp_triton
     return {
-        ops.roi_spp_pool: _roi_formula,
-        ops.multilevel_roi_spp_pool: _multi_formula,
-        ops.spp_pool: _spp_formula,
+        ops.pyramid_pool: _pool_formula,
         ops.pyramid_pool_backward: _backward_formula,
     }
 

@@ -1,10 +1,11 @@
 """Slow, obviously-correct references: the test oracle for everything spp_triton computes.
 
-Written independently of ``spp_triton.bins``: plain Python scalars, a loop per RoI and per bin,
-numpy float32 for torchvision's float32 bin sizes. Max pooling propagates NaN (``torch.amax``).
-Gradients through these functions are autograd's; for max, ``torch.amax`` splits the gradient among
-tied maxima, so gradient tests of max use torchvision / ``F.adaptive_max_pool2d`` (which pick the
-first maximal element, as spp_triton does) or tie-free inputs.
+Written independently of ``spp_triton.bins`` (only its dtype rule is shared): plain Python
+scalars, a loop per RoI and per bin, numpy float32 for torchvision's float32 bin sizes. Max
+pooling propagates NaN (``torch.amax``). Gradients through these functions are autograd's; for max,
+``torch.amax`` splits the gradient among tied maxima, so gradient tests of max use torchvision /
+``F.adaptive_max_pool2d`` (which pick the first maximal element, as spp_triton does) or tie-free
+inputs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The one rule shared with the code under test (a dtype choice, not geometry: the bin edges below
+# are computed independently of spp_triton.bins).
+from spp_triton.bins import bin_dtype_for
+
 
 def _c_round(v: float) -> int:
     """C ``round``: half away from zero."""
@@ -24,7 +29,8 @@ def _c_round(v: float) -> int:
 
 
 def _scalar(dtype: torch.dtype):
-    return np.float64 if dtype == torch.float64 else np.float32
+    """numpy scalar type of the bin dtype (the dtype rule is ``bins.bin_dtype_for``'s)."""
+    return {torch.float64: np.float64, torch.float32: np.float32}[bin_dtype_for(dtype)]
 
 
 def roi_bins_reference(x1, y1, x2, y2, scale, bins_h, bins_w, height, width, dtype):
@@ -56,8 +62,7 @@ def _pool_window(plane: torch.Tensor, h: tuple[int, int], w: tuple[int, int], mo
     window = plane[:, h[0] : h[1], w[0] : w[1]]
     if mode == "max":
         return window.amax(dim=(1, 2))
-    acc = torch.float64 if plane.dtype == torch.float64 else torch.float32
-    return window.to(acc).mean(dim=(1, 2)).to(plane.dtype)
+    return window.to(bin_dtype_for(plane.dtype)).mean(dim=(1, 2)).to(plane.dtype)
 
 
 def roi_pool_reference(
@@ -66,7 +71,7 @@ def roi_pool_reference(
     """``roi_pool`` by loops: Tensor[K, 5] rois -> Tensor[K, C, oh, ow]."""
     oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
     n, c, height, width = input.shape
-    bin_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    bin_dtype = bin_dtype_for(input.dtype)
     rows = []
     for roi in rois.tolist():
         b = int(roi[0])

@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 import spp_triton
-from spp_triton import reference
+from spp_triton import bins, reference
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LEVEL_CHOICES = ((1, 2, 4), (1, 2, 3, 6), (4, 2, 1), (2, 3), (1,), (7,), (5, 3), (14,), (1, 2, 7))
@@ -121,7 +121,7 @@ def make_boxes(case: Case, gen: torch.Generator) -> torch.Tensor:
         batch = torch.arange(k, dtype=torch.float64) % case.n
     else:
         batch = torch.randint(0, case.n, (k,), generator=gen).to(torch.float64)
-    bin_dtype = torch.float64 if case.dtype == torch.float64 else torch.float32
+    bin_dtype = bins.bin_dtype_for(case.dtype)
     return torch.cat([batch[:, None], xy], 1).to(bin_dtype)
 
 

@@ -285,7 +285,7 @@ def test_gpu_run_works_without_detectron2_and_fvcore(tmp_path):
         import spp_triton, spp_triton.profiling
         from torch.utils import flop_counter
         spp_triton.profiling.register_flop_formulas()
-        assert torch.ops.spp_triton.roi_spp_pool in flop_counter.flop_registry
+        assert torch.ops.spp_triton.pyramid_pool in flop_counter.flop_registry
         import spp_triton.bench.kernels
         for name in ("gpu_check",):
             path = {tools!r} + "/" + name + ".py"

@@ -147,8 +147,10 @@ def test_triton_roi_pooler_equals_detectron2_roipool(strides):
 
 
 def test_poolers_make_exactly_one_kernel_call(monkeypatch):
+    from spp_triton import ops
+
     calls = []
-    real = spp_triton.multilevel_roi_spp_pool
+    real = ops.pyramid_pool_op
 
     def spy(*args, **kwargs):
         calls.append(len(args[0]))
@@ -157,7 +159,7 @@ def test_poolers_make_exactly_one_kernel_call(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("per-level pooling call")
 
-    monkeypatch.setattr(spp_triton, "multilevel_roi_spp_pool", spy)
+    monkeypatch.setattr(ops, "pyramid_pool_op", spy)  # the one forward op: one call per pooler
     monkeypatch.setattr(spp_triton, "roi_spp_pool", forbidden)
     monkeypatch.setattr(spp_triton, "roi_pool", forbidden)
     g = torch.Generator().manual_seed(5)

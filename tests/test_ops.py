@@ -293,26 +293,55 @@ def test_nan_gradient_goes_to_the_nan(gen):
 
 # ----------------------------------------------------------------------------- registration
 def test_ops_are_registered():
-    for name in ("roi_spp_pool", "multilevel_roi_spp_pool", "spp_pool", "pyramid_pool_backward"):
+    for name in ("pyramid_pool", "pyramid_pool_backward"):
         assert hasattr(torch.ops.spp_triton, name)
+    for old in ("roi_spp_pool", "multilevel_roi_spp_pool", "spp_pool"):
+        assert not hasattr(torch.ops.spp_triton, old)  # one forward op, not one per function
 
 
 def test_opcheck_cpu(gen):
+    """Every call form of the one forward op: RoI SPP and RoI pooling on one map (no
+    feature_index), multi-level RoI SPP, and whole-map SPP with image sizes."""
+    op = torch.ops.spp_triton.pyramid_pool.default
     x = torch.randn(2, 3, 6, 7, generator=gen, requires_grad=True)
     rois = random_rois(gen, 5, 2, 24, 28)
     regions = torch.tensor([[0, 6, 7], [1, 3, 2]])
     for mode in ("max", "avg"):
-        torch.library.opcheck(
-            torch.ops.spp_triton.roi_spp_pool.default, (x, rois, [1, 1, 2, 2], 0.25, mode)
-        )
-        torch.library.opcheck(
-            torch.ops.spp_triton.spp_pool.default, (x, regions, [1, 1, 2, 3], mode)
-        )
+        torch.library.opcheck(op, ([x], rois, None, [0.25], [1, 1, 2, 2], mode, "roi"))
+        # inference form (no argmax): on a map that does not require grad
+        torch.library.opcheck(op, ([x.detach()], rois, None, [0.25], [2, 3], mode, "roi", False))
+        torch.library.opcheck(op, ([x], regions, None, [], [1, 1, 2, 3], mode, "adaptive"))
         feats = [x, torch.randn(2, 3, 3, 4, generator=gen, requires_grad=True)]
-        torch.library.opcheck(
-            torch.ops.spp_triton.multilevel_roi_spp_pool.default,
-            (feats, rois, torch.tensor([0, 1, 1, 0, 1]), [0.25, 0.125], [2, 2], mode),
+        index = torch.tensor([0, 1, 1, 0, 1])
+        torch.library.opcheck(op, (feats, rois, index, [0.25, 0.125], [2, 2], mode, "roi"))
+
+
+def test_functions_call_the_one_op_with_their_partition(gen, monkeypatch):
+    """Each public function is one ``pyramid_pool`` call; one-map calls pass no feature_index."""
+    from spp_triton import ops
+
+    calls = []
+    real = ops.pyramid_pool_op
+
+    def spy(features, regions, feature_index, scales, levels_hw, mode, partition, with_argmax):
+        calls.append((len(features), feature_index, scales, levels_hw, partition, with_argmax))
+        return real(
+            features, regions, feature_index, scales, levels_hw, mode, partition, with_argmax
         )
+
+    monkeypatch.setattr(ops, "pyramid_pool_op", spy)
+    x = torch.randn(1, 2, 8, 8, generator=gen)
+    rois = random_rois(gen, 3, 1, 8, 8)
+    spp_triton.spp_pool(x, (1, 2))
+    spp_triton.roi_spp_pool(x, rois, (1, (2, 3)), 0.5)
+    spp_triton.roi_pool(x, rois, (2, 4))
+    idx = torch.tensor([0, 1, 0])
+    spp_triton.multilevel_roi_spp_pool([x, x[:, :, :4, :4]], rois, idx, [1.0, 0.5], (2,))
+    assert [c[4] for c in calls] == ["adaptive", "roi", "roi", "roi"]
+    assert [c[1] is None for c in calls] == [True, True, True, False]
+    assert [c[3] for c in calls] == [[1, 1, 2, 2], [1, 1, 2, 3], [2, 4], [2, 2]]
+    assert [c[2] for c in calls] == [[], [0.5], [1.0], [1.0, 0.5]]
+    assert not any(c[5] for c in calls)  # no input requires grad: no argmax
 
 
 def test_torch_compile_fullgraph_cpu(gen):
@@ -328,6 +357,24 @@ def test_torch_compile_fullgraph_cpu(gen):
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, rois), fn(x, rois))
+
+
+def test_torch_compile_fullgraph_multilevel_forward_and_backward(gen):
+    feats = [torch.randn(2, 3, s, s + 2, generator=gen, requires_grad=True) for s in (8, 4)]
+    rois = random_rois(gen, 9, 2, 32, 40)
+    index = torch.randint(0, 2, (9,), generator=gen)
+
+    def fn(a, b, r, i):
+        return spp_triton.multilevel_roi_spp_pool([a, b], r, i, [0.25, 0.125], (1, 2), "max")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(*feats, rois, index)
+    ref = fn(*feats, rois, index)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn(out.shape, generator=gen)
+    torch.testing.assert_close(
+        torch.autograd.grad(out, feats, g), torch.autograd.grad(ref, feats, g)
+    )
 
 
 # ----------------------------------------------------------------------------- modules

@@ -1,8 +1,8 @@
 """Operation counting of the spp_triton ops (spp_triton.profiling).
 
 * detectron2's FlopCountAnalysis of the Shapes SPP model counts the pooling (the traced
-  ``spp_triton::multilevel_roi_spp_pool``) with the documented shape-only formula;
-* fvcore handles on a plain module (all three forward ops);
+  ``spp_triton::pyramid_pool``) with the documented shape-only formula;
+* fvcore handles on a plain module (every public function, all through ``pyramid_pool``);
 * torchvision's ``roi_align`` / ``roi_pool`` (a detectron2 ``ROIPooler``) are counted too, so a
   RoIAlign box head's FLOPs include its pooler as the spp_triton heads' do;
 * torch.utils.flop_counter formulas: exact counts against a loop over the oracle's bins
@@ -83,9 +83,9 @@ def test_detectron2_flop_analysis_counts_spp_pooling(monkeypatch):
     assert cfg.MODEL.ROI_BOX_HEAD.POOLER_TYPE == "SPP"
 
     calls = []
-    original = spp_triton.multilevel_roi_spp_pool
+    original = spp_triton.functional._multilevel_roi_spp_pool
 
-    def spy(features, rois, feature_index, spatial_scales, levels=(1, 2, 4), mode="max"):
+    def spy(features, rois, feature_index, spatial_scales, levels, mode):
         calls.append(
             dict(
                 shapes=[tuple(f.shape) for f in features],
@@ -98,7 +98,7 @@ def test_detectron2_flop_analysis_counts_spp_pooling(monkeypatch):
         )
         return original(features, rois, feature_index, spatial_scales, levels, mode)
 
-    monkeypatch.setattr(spp_triton, "multilevel_roi_spp_pool", spy)
+    monkeypatch.setattr(spp_triton.functional, "_multilevel_roi_spp_pool", spy)
     g = torch.Generator().manual_seed(0)
     inputs = [{"image": torch.rand(3, 96, 128, generator=g) * 255, "height": 96, "width": 128}]
     with warnings.catch_warnings():
@@ -114,8 +114,8 @@ def test_detectron2_flop_analysis_counts_spp_pooling(monkeypatch):
     levels = [(n, n) if isinstance(n, int) else tuple(n) for n in call["levels"]]
     expected = profiling.estimate_pool_ops(k, c, levels, call["mode"])
     assert k > 0 and expected == k * c * 21
-    assert by_op["multilevel_roi_spp_pool"] == expected > 0
-    assert "spp_triton::multilevel_roi_spp_pool" not in unsupported
+    assert by_op["pyramid_pool"] == expected > 0
+    assert "spp_triton::pyramid_pool" not in unsupported
     assert by_op["conv"] > 0 and by_op["linear"] > 0  # the rest of the model is still counted
     # the shape-only count is a lower bound of the exact count for these proposals
     exact = profiling.count_pool_ops(
@@ -342,36 +342,60 @@ def test_fvcore_counts_roipool_pooler():
 
 
 # ------------------------------------------------------------------------------ fvcore
-class _ThreeOps(torch.nn.Module):
-    def forward(self, x, rois, index):
-        a = spp_triton.roi_spp_pool(x, rois, (1, 2, 4), 0.25, "avg")
-        b = spp_triton.spp_pool(x, (1, 3), "max")
-        c = spp_triton.multilevel_roi_spp_pool([x, x[:, :, ::2, ::2]], rois, index, [0.25, 0.125])
-        return a, b, c
+class _Call(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs):
+        return self.fn(*inputs)
+
+
+def _fvcore_pool_count(fn, inputs) -> int:
+    """fvcore's count of the ``spp_triton::pyramid_pool`` node(s) that ``fn(*inputs)`` traces."""
+    from fvcore.nn import FlopCountAnalysis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fca = FlopCountAnalysis(_Call(fn), inputs)
+        fca.set_op_handle(**profiling.SPP_TRITON_FLOP_HANDLES)
+        fca.unsupported_ops_warnings(False)
+        return fca.by_operator()["pyramid_pool"]
 
 
 def test_fvcore_handles_count_each_op():
-    from fvcore.nn import FlopCountAnalysis
-
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 12, 17, generator=g)
     rois = _boxes(g, 9, 2, 48, 68)
     index = torch.randint(0, 2, (9,), generator=g)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fca = FlopCountAnalysis(_ThreeOps(), (x, rois, index))
-        fca.set_op_handle(**profiling.SPP_TRITON_FLOP_HANDLES)
-        fca.unsupported_ops_warnings(False)
-        by_op = fca.by_operator()
-    assert by_op["roi_spp_pool"] == 2 * 9 * 5 * 21  # avg: 1 read + 1 divide per bin (lower bound)
-    assert by_op["multilevel_roi_spp_pool"] == 9 * 5 * 21
+    roi_spp = _fvcore_pool_count(
+        lambda x, r: spp_triton.roi_spp_pool(x, r, (1, 2, 4), 0.25, "avg"), (x, rois)
+    )
+    assert roi_spp == 2 * 9 * 5 * 21  # avg: 1 read + 1 divide per bin (lower bound)
+    multi = _fvcore_pool_count(
+        lambda x, r, i: spp_triton.multilevel_roi_spp_pool(
+            [x, x[:, :, ::2, ::2]], r, i, [0.25, 0.125]
+        ),
+        (x, rois, index),
+    )
+    assert multi == 9 * 5 * 21
     # whole-map SPP is exact from shapes: per channel, level 1 reads 12*17, level 3 reads the
     # adaptive bins (12 -> 3 bins of 4 rows; 17 -> [0,6) [5,12) [11,17): 6 + 7 + 6 columns)
-    assert by_op["spp_pool"] == 2 * 5 * (12 * 17 + 12 * 19)
+    spp = _fvcore_pool_count(lambda x: spp_triton.spp_pool(x, (1, 3), "max"), (x,))
+    assert spp == 2 * 5 * (12 * 17 + 12 * 19)
     exact = profiling.count_pool_ops(
         [x.shape], torch.tensor([[0, 12, 17]]), None, [1.0], (1, 3), "max", "adaptive"
     )
-    assert by_op["spp_pool"] == 2 * exact
+    assert spp == 2 * exact
+    # all three in one trace: one operator name, the sum of the three counts
+    both = _fvcore_pool_count(
+        lambda x, r: (
+            spp_triton.roi_spp_pool(x, r, (1, 2, 4), 0.25, "avg"),
+            spp_triton.spp_pool(x, (1, 3), "max"),
+        ),
+        (x, rois),
+    )
+    assert both == roi_spp + spp
 
 
 def test_roi_size_hint_matches_exact_count_for_uniform_boxes():
@@ -416,7 +440,7 @@ def test_flop_counter_counts_a_direct_call_exactly(mode):
     with FlopCounterMode(display=False) as fc:
         out = spp_triton.roi_spp_pool(x, rois, levels, 0.25, mode)
     counts = fc.get_flop_counts()["Global"]
-    fwd = counts[torch.ops.spp_triton.roi_spp_pool]
+    fwd = counts[torch.ops.spp_triton.pyramid_pool]
     assert fwd == _loop_count(x.shape, rois, 0.25, levels, mode) > 0
     assert fwd == profiling.count_pool_ops([x.shape], rois, None, [0.25], levels, mode)
 
@@ -443,8 +467,10 @@ def test_flop_counter_spp_and_multilevel():
     index = torch.randint(0, 2, (10,), generator=g)
     with FlopCounterMode(display=False) as fc:
         spp_triton.spp_pool(x, (1, 2, 4), "avg", image_sizes=[(9, 14), (5, 6)])
+    spp_count = fc.get_flop_counts()["Global"][torch.ops.spp_triton.pyramid_pool]
+    with FlopCounterMode(display=False) as fc:
         spp_triton.multilevel_roi_spp_pool([x, small], rois, index, [0.25, 0.125], (1, 2))
-    counts = fc.get_flop_counts()["Global"]
+    multi_count = fc.get_flop_counts()["Global"][torch.ops.spp_triton.pyramid_pool]
 
     def adaptive(size, n):  # summed lengths of the adaptive bins
         return sum(math.ceil((p + 1) * size / n) - (p * size) // n for p in range(n))
@@ -453,11 +479,11 @@ def test_flop_counter_spp_and_multilevel():
         sum(adaptive(h, n) * adaptive(w, n) + n * n for n in (1, 2, 4))
         for h, w in ((9, 14), (5, 6))
     ]
-    assert counts[torch.ops.spp_triton.spp_pool] == 3 * sum(per_img)
+    assert spp_count == 3 * sum(per_img)
     expected = _loop_count(x.shape, rois[index == 0], 0.25, (1, 2), "max") + _loop_count(
         small.shape, rois[index == 1], 0.125, (1, 2), "max"
     )
-    assert counts[torch.ops.spp_triton.multilevel_roi_spp_pool] == expected
+    assert multi_count == expected
 
 
 def test_flop_counter_fake_tensors_fall_back_to_shape_estimate():
@@ -468,5 +494,7 @@ def test_flop_counter_fake_tensors_fall_back_to_shape_estimate():
         x = torch.empty(2, 8, 20, 30)
         rois = torch.empty(7, 5)
         with FlopCounterMode(display=False) as fc:
-            torch.ops.spp_triton.roi_spp_pool(x, rois, [1, 1, 2, 2, 3, 3, 6, 6], 0.0625, "max")
+            torch.ops.spp_triton.pyramid_pool(
+                [x], rois, None, [0.0625], [1, 1, 2, 2, 3, 3, 6, 6], "max", "roi"
+            )
     assert fc.get_total_flops() == 7 * 8 * 50

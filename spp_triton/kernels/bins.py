@@ -1,9 +1,10 @@
 """Triton transcription of spp_triton/bins.py.
 
 Each helper here is the ``@triton.jit`` twin of the function of the same name in
-``spp_triton/bins.py`` and must agree with it bit for bit (``tests/test_bins.py``,
-``tests/test_kernels.py``). Only the arithmetic is transcribed; the order of operations, the
-dtypes in which they happen and the rounding of every step are the same:
+``spp_triton/bins.py`` and must agree with it bit for bit
+(``tests/test_kernels.py::test_bin_helpers_match_bins_py``; ``tests/test_bins.py`` checks
+``bins.py`` itself against torchvision). Only the arithmetic is transcribed; the order of
+operations, the dtypes in which they happen and the rounding of every step are the same:
 
 * RoI corners: ``x * spatial_scale`` in the bin dtype, rounded half away from zero (exactly:
   ``t = trunc(x)``, ``x - t`` is exact, add ``sign(x)`` when ``|x - t| >= 0.5``), clamped to

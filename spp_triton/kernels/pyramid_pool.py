@@ -81,6 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
+from spp_triton import bins as _bins
 from spp_triton.kernels.bins import adaptive_bin_edges, quantize_roi, roi_bin_edges
 
 MAX_FEATURE_MAPS = 5  # what the library supports (FPN P2-P6); the kernels take any number
@@ -984,7 +985,15 @@ def _map_table(maps: list[torch.Tensor], spatial_scales, partition: str, device)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return _bins.bin_dtype_for(dtype)
+
+
+def _region_maps(feature_index: torch.Tensor | None, k: int, device) -> torch.Tensor:
+    """``feature_index``, or for one map (``None``) a stride-0 zero vector of length ``k``: every
+    region reads map 0 and no ``[K]`` tensor is built."""
+    if feature_index is not None:
+        return feature_index
+    return torch.zeros(1, dtype=torch.int64, device=device).expand(k)
 
 
 def _device_ctx(device: torch.device):
@@ -1016,8 +1025,9 @@ def forward_launch(
     f0 = features[0]
     n, c = int(f0.shape[0]), int(f0.shape[1])
     k = int(regions.shape[0])
+    feature_index = _region_maps(feature_index, k, regions.device)
     meta = _level_meta(levels, mode)
-    p = sum(bh * bw for bh, bw in levels)
+    p = _bins.pyramid_width(levels)
     is_max = mode == "max"
     with_argmax = with_argmax and is_max
     out = torch.empty((k, c * p), dtype=f0.dtype, device=f0.device)
@@ -1063,7 +1073,7 @@ def forward_launch(
 def pyramid_pool_forward(
     features: list[torch.Tensor],
     regions: torch.Tensor,
-    feature_index: torch.Tensor,
+    feature_index: torch.Tensor | None,
     spatial_scales: list[float],
     levels: list[tuple[int, int]],
     mode: str,
@@ -1111,6 +1121,7 @@ def backward_launch(
     f0 = features[0]
     n, c = int(f0.shape[0]), int(f0.shape[1])
     k = int(regions.shape[0])
+    feature_index = _region_maps(feature_index, k, regions.device)
     acc = _acc_dtype(f0.dtype)
     bufs = [_grad_buffer(f, acc) for f in features]
     meta = _level_meta(levels, "avg")  # LH, LW, POFF
@@ -1135,7 +1146,7 @@ def backward_launch(
         ACC_DTYPE=_TL_DTYPE[acc],
     )
     if mode == "max":
-        p = sum(bh * bw for bh, bw in levels)
+        p = _bins.pyramid_width(levels)
         block = min(_BWD_MAX_BLOCK, triton.next_power_of_2(max(c * p, 1)))
         dense = all(b.is_contiguous() for b in bufs)
         kernel = _pyramid_pool_bwd_max_kernel
@@ -1165,7 +1176,7 @@ def pyramid_pool_backward(
     grad_out: torch.Tensor,
     features: list[torch.Tensor],
     regions: torch.Tensor,
-    feature_index: torch.Tensor,
+    feature_index: torch.Tensor | None,
     spatial_scales: list[float],
     levels: list[tuple[int, int]],
     mode: str,

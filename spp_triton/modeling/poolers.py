@@ -23,8 +23,9 @@ from detectron2.modeling import poolers as _d2_poolers
 from detectron2.structures import Boxes
 from torch import nn
 
-import spp_triton
-from spp_triton.functional import _check_levels
+from spp_triton import _checks, bins
+from spp_triton import functional as Fn
+from spp_triton.bins import normalize_levels
 
 __all__ = ["SPPROIPooler", "TritonROIPooler", "normalize_levels"]
 
@@ -56,12 +57,6 @@ if _convert_boxes_to_pooler_format is None:  # pragma: no cover
         return torch.cat([idx[:, None], boxes], dim=1)
 
 
-def normalize_levels(levels) -> tuple[tuple[int, int], ...]:
-    """``[1, 2, (3, 4)]`` -> ``((1, 1), (2, 2), (3, 4))``; raises ``ValueError`` if malformed
-    (the public API's own check, so poolers and ops accept exactly the same levels)."""
-    return tuple(_check_levels(levels))
-
-
 class _MultiLevelPoolerBase(nn.Module):
     """Level assignment shared by the spp_triton poolers (detectron2's rule and checks)."""
 
@@ -69,11 +64,10 @@ class _MultiLevelPoolerBase(nn.Module):
         self, scales: Sequence[float], mode: str, canonical_box_size: int, canonical_level: int
     ):
         super().__init__()
-        scales = tuple(float(s) for s in scales)
         if len(scales) == 0:
             raise ValueError("scales must name at least one feature map")
-        if mode not in ("max", "avg"):
-            raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+        scales = tuple(_checks.check_scales(scales, len(scales)))
+        mode = _checks.check_mode(mode)
         # Map scale (1 / stride) to its level, assuming power-of-2 strides, as ROIPooler does.
         min_level = -math.log2(scales[0])
         max_level = -math.log2(scales[-1])
@@ -95,7 +89,7 @@ class _MultiLevelPoolerBase(nn.Module):
         self.canonical_box_size = canonical_box_size
         self.canonical_level = canonical_level
 
-    def _levels_arg(self) -> list[tuple[int, int]]:
+    def _levels_arg(self) -> tuple[tuple[int, int], ...]:
         raise NotImplementedError
 
     def _pool(self, x: list[torch.Tensor], box_lists: list[Boxes]) -> torch.Tensor:
@@ -109,15 +103,14 @@ class _MultiLevelPoolerBase(nn.Module):
                 f"feature batch size is {x[0].size(0)}, but box_lists has {len(box_lists)} entries"
             )
         channels = x[0].shape[1]
-        width = channels * sum(bh * bw for bh, bw in self._levels_arg())
+        width = channels * bins.pyramid_width(self._levels_arg())
         num_boxes = sum(len(b) for b in box_lists)
         if num_boxes == 0:
             return x[0].new_zeros((0, width))
 
         rois = _convert_boxes_to_pooler_format(list(box_lists)).to(x[0].device)
-        if len(x) == 1:
-            feature_index = torch.zeros(rois.shape[0], dtype=torch.int64, device=rois.device)
-        else:
+        feature_index = None  # one map: every box reads it
+        if len(x) > 1:
             feature_index = _assign_boxes_to_levels(
                 list(box_lists),
                 self.min_level,
@@ -125,13 +118,9 @@ class _MultiLevelPoolerBase(nn.Module):
                 self.canonical_box_size,
                 self.canonical_level,
             ).to(device=rois.device, dtype=torch.int64)
-        return spp_triton.multilevel_roi_spp_pool(
-            list(x),
-            rois,
-            feature_index,
-            list(self.scales),
-            levels=self._levels_arg(),
-            mode=self.mode,
+        # levels, scales and mode were validated at construction; only the tensors are checked
+        return Fn._multilevel_roi_spp_pool(
+            list(x), rois, feature_index, list(self.scales), self._levels_arg(), self.mode
         )
 
 
@@ -158,11 +147,11 @@ class SPPROIPooler(_MultiLevelPoolerBase):
     ):
         super().__init__(scales, mode, canonical_box_size, canonical_level)
         self.levels = normalize_levels(levels)
-        self.bins_per_channel = sum(bh * bw for bh, bw in self.levels)
+        self.bins_per_channel = bins.pyramid_width(self.levels)
         self.output_size = (1, 1)
 
     def _levels_arg(self):
-        return list(self.levels)
+        return self.levels
 
     def output_shape(self, in_channels: int) -> ShapeSpec:
         """What the box head receives: ``ShapeSpec(channels=C * B, height=1, width=1)``."""
@@ -195,12 +184,10 @@ class TritonROIPooler(_MultiLevelPoolerBase):
         canonical_level: int = 4,
     ):
         super().__init__(scales, mode, canonical_box_size, canonical_level)
-        if isinstance(output_size, int):
-            output_size = (output_size, output_size)
-        self.output_size = normalize_levels([tuple(output_size)])[0]
+        self.output_size = _checks.check_output_size(output_size)
 
     def _levels_arg(self):
-        return [self.output_size]
+        return (self.output_size,)
 
     def output_shape(self, in_channels: int) -> ShapeSpec:
         return ShapeSpec(

@@ -1,0 +1,181 @@
+"""spp_triton.cpu, the vectorised PyTorch path, called directly (its op contract) against
+torchvision's ``roi_pool``, ``F.adaptive_max_pool2d`` and the loop reference.
+
+What is specific to this path: the derivation of coarse max levels from finer ones (and its
+fallback where torchvision's float partition does not nest), the -inf treatment of bins clipped
+away, the NaN guard and patch (torchvision skips NaN, spp_triton propagates it), one map without a
+``feature_index``, and the int32 argmax convention shared with the kernels.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torchvision
+
+from spp_triton import bins, cpu, reference
+
+
+@pytest.fixture
+def gen(request):
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _rois(gen, k, n_img, height, width, scale):
+    """Boxes inside, across and wholly outside the map (in image coordinates)."""
+    img = torch.tensor([width, height, width, height]) / scale
+    xy = torch.rand(k, 4, generator=gen) * img * 1.6 - img * 0.3
+    x1, x2 = xy[:, 0].minimum(xy[:, 2]), xy[:, 0].maximum(xy[:, 2])
+    y1, y2 = xy[:, 1].minimum(xy[:, 3]), xy[:, 1].maximum(xy[:, 3])
+    batch = torch.randint(0, n_img, (k,), generator=gen).float()
+    return torch.stack([batch, x1, y1, x2, y2], 1)
+
+
+def _tv(x, rois, levels, scale):
+    """torchvision per level + cat: ``(values, int32 argmax)``."""
+    outs = [torch.ops.torchvision.roi_pool(x, rois, scale, bh, bw) for bh, bw in levels]
+    k = rois.shape[0]
+    return (
+        torch.cat([v.reshape(k, -1) for v, _ in outs], 1),
+        torch.cat([a.reshape(k, -1).to(torch.int32) for _, a in outs], 1),
+    )
+
+
+def _forward(x, rois, levels, scale, mode="max", with_argmax=True):
+    levels = bins.normalize_levels(levels)
+    return cpu.pyramid_pool_forward([x], rois, None, [scale], levels, mode, "roi", with_argmax)
+
+
+# ----------------------------------------------------------------------------- max, RoI
+@pytest.mark.parametrize("levels", [(1, 2, 4), (1, 2, 3, 6), (2, 4, 8), ((3, 2), (6, 4), 1)])
+@pytest.mark.parametrize("with_argmax", [True, False])
+def test_roi_max_equals_torchvision(gen, levels, with_argmax):
+    """Derived coarse levels (with_argmax=False) and direct ones give torchvision's values; RoIs
+    past the map have empty bins, and the map is negative so a 0 from a clipped bin would win."""
+    x = -torch.rand(2, 3, 11, 13, generator=gen) - 1.0
+    rois = _rois(gen, 60, 2, 11, 13, 0.5)
+    out, arg = _forward(x, rois, levels, 0.5, with_argmax=with_argmax)
+    ref, ref_arg = _tv(x, rois, bins.normalize_levels(levels), 0.5)
+    assert torch.equal(out, ref)
+    if with_argmax:
+        assert torch.equal(arg, ref_arg)
+    else:
+        assert arg.numel() == 0
+
+
+def test_non_nesting_levels_fall_back_to_direct_pooling(gen):
+    """14 bins do not always nest in 7 under torchvision's float partition."""
+    x = torch.randn(1, 2, 40, 40, generator=gen)
+    rois = torch.tensor([[0, 0.0, 0.0, float(e), float(e)] for e in range(5, 40)])
+    levels = ((7, 7), (14, 14))
+    out, _ = _forward(x, rois, levels, 1.0, with_argmax=False)
+    assert torch.equal(out, _tv(x, rois, levels, 1.0)[0])
+
+
+def test_root_plan_derives_from_the_coarsest_finer_level():
+    assert cpu._root_plan(((1, 1), (2, 2), (4, 4))) == [1, 2, None]
+    assert cpu._root_plan(((1, 1), (2, 2), (3, 3), (6, 6))) == [1, 3, 3, None]
+    assert cpu._root_plan(((5, 3), (2, 2))) == [None, None]
+
+
+# ----------------------------------------------------------------------------- NaN rule
+@pytest.mark.parametrize("with_argmax", [True, False])
+def test_nan_inside_a_bin_propagates_and_argmax_is_the_first_nan(gen, with_argmax):
+    x = torch.randn(1, 2, 8, 8, generator=gen)
+    x[0, 0, 2, 5] = x[0, 0, 3, 1] = float("nan")
+    rois = torch.tensor([[0, 0.0, 0.0, 7.0, 7.0], [0, 4.0, 4.0, 7.0, 7.0]])
+    out, arg = _forward(x, rois, (1, 2), 1.0, with_argmax=with_argmax)
+    ref = reference.roi_spp_pool_reference(x, rois, (1, 2), 1.0, "max")
+    assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out.nan_to_num(0.0), ref.nan_to_num(0.0), rtol=0, atol=0)
+    assert out[0, 0].isnan() and not out[1].isnan().any()  # channel 0 of RoI 0, level 1
+    if with_argmax:
+        assert arg[0, 0] == 2 * 8 + 5  # the first NaN in row-major order
+
+
+def test_nan_outside_every_roi_changes_nothing(gen):
+    """The guard looks where RoIs read: a NaN elsewhere gives torchvision's numbers exactly."""
+    x = torch.randn(2, 3, 12, 12, generator=gen)
+    x[0, :, 10:, 10:] = float("nan")
+    x[1, 1, 0, 0] = float("nan")
+    rois = torch.tensor([[0, 0.0, 0.0, 8.0, 8.0], [1, 2.0, 2.0, 11.0, 11.0]])
+    for with_argmax in (True, False):
+        out, arg = _forward(x, rois, (1, 2, 4), 1.0, with_argmax=with_argmax)
+        ref, ref_arg = _tv(x, rois, ((1, 1), (2, 2), (4, 4)), 1.0)
+        assert torch.equal(out, ref)
+        if with_argmax:
+            assert torch.equal(arg, ref_arg)
+
+
+def test_infinities_and_huge_values_are_not_nan(gen):
+    """+inf and -inf, and finite values whose sum overflows, are pooled as numbers."""
+    x = torch.randn(1, 2, 9, 9, generator=gen)
+    x[0, 0, 1, 1] = float("inf")
+    x[0, 0, 2, 2] = float("-inf")
+    x[0, 1] = 3e38
+    rois = torch.tensor([[0, 0.0, 0.0, 8.0, 8.0], [0, 1.0, 1.0, 3.0, 3.0]])
+    for with_argmax in (True, False):
+        out, _ = _forward(x, rois, (1, 2), 1.0, with_argmax=with_argmax)
+        assert not out.isnan().any()
+        assert torch.equal(out, _tv(x, rois, ((1, 1), (2, 2)), 1.0)[0])
+
+
+def test_fpn_maps_nan_only_in_the_map_a_roi_reads(gen):
+    feats = [torch.randn(1, 2, 16, 16, generator=gen), torch.randn(1, 2, 8, 8, generator=gen)]
+    feats[1][0, 0, 1, 1] = float("nan")
+    rois = torch.tensor([[0, 0.0, 0.0, 31.0, 31.0], [0, 0.0, 0.0, 31.0, 31.0]])
+    index = torch.tensor([0, 1])
+    out, _ = cpu.pyramid_pool_forward(
+        feats, rois, index, [0.5, 0.25], ((1, 1),), "max", "roi", with_argmax=False
+    )
+    assert not out[0].isnan().any()
+    assert out[1, 0].isnan() and not out[1, 1].isnan()
+
+
+# ----------------------------------------------------------------------------- one map, no index
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@pytest.mark.parametrize("partition", ["roi", "adaptive"])
+def test_no_feature_index_equals_all_zero_index(gen, mode, partition):
+    x = torch.randn(2, 3, 9, 10, generator=gen, requires_grad=True)
+    if partition == "roi":
+        regions, scales = _rois(gen, 7, 2, 9, 10, 0.5), [0.5]
+    else:
+        regions, scales = torch.tensor([[0, 9, 10], [1, 4, 3]]), []
+    levels = ((1, 1), (2, 3))
+    zero = torch.zeros(regions.shape[0], dtype=torch.int64)
+    a = cpu.pyramid_pool_forward([x], regions, None, scales, levels, mode, partition)
+    b = cpu.pyramid_pool_forward([x], regions, zero, scales, levels, mode, partition)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    g = torch.randn(a[0].shape, generator=gen)
+    ga = cpu.pyramid_pool_backward(g, [x], regions, None, scales, levels, mode, partition, a[1])
+    gb = cpu.pyramid_pool_backward(g, [x], regions, zero, scales, levels, mode, partition, b[1])
+    assert torch.equal(ga[0], gb[0])
+
+
+# ----------------------------------------------------------------------------- backward
+def test_max_backward_equals_torchvision(gen):
+    x = torch.randn(2, 3, 10, 12, generator=gen, requires_grad=True)
+    rois = _rois(gen, 20, 2, 10, 12, 0.25)
+    levels = ((1, 1), (2, 2), (4, 4))
+    out, arg = _forward(x.detach(), rois, levels, 0.25)
+    g = torch.randn(out.shape, generator=gen)
+    (ours,) = cpu.pyramid_pool_backward(g, [x], rois, None, [0.25], levels, "max", "roi", arg)
+    ref = torch.cat([torchvision.ops.roi_pool(x, rois, n, 0.25).flatten(1) for n in (1, 2, 4)], 1)
+    (expected,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(ours, expected)
+
+
+def test_avg_forward_and_backward_equal_the_loop_reference(gen):
+    x = torch.randn(2, 3, 9, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    rois = _rois(gen, 15, 2, 9, 11, 0.5).double()
+    levels = ((1, 1), (2, 2), (3, 3))
+    out, _ = cpu.pyramid_pool_forward([x.detach()], rois, None, [0.5], levels, "avg", "roi")
+    ref = reference.roi_spp_pool_reference(x, rois, (1, 2, 3), 0.5, "avg")
+    torch.testing.assert_close(out, ref)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    empty = torch.empty(0, dtype=torch.int32)
+    (ours,) = cpu.pyramid_pool_backward(g, [x], rois, None, [0.5], levels, "avg", "roi", empty)
+    (expected,) = torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(ours, expected)
