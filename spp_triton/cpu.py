@@ -14,8 +14,9 @@ How it is fast without a loop per RoI:
   instead of once per level. Nesting of torchvision's float partition is checked per RoI, and the
   rare RoIs where it fails (e.g. 14 bins over some extents) are pooled directly. Boxes are handed to
   torchvision already quantised (``spp_triton.bins``) with scale 1, so the partition is ours.
-  torchvision skips NaN; bins that contain a NaN are patched to NaN afterwards (only when the input
-  has one).
+  The RoIs are quantised once per call and map. torchvision skips NaN; bins that contain a NaN
+  are patched to NaN afterwards, only when a NaN lies where some RoI reads (a NaN-propagating
+  ``max()`` over the RoIs' windows, or over the whole map when the windows cover much of it).
 * **max, adaptive partition**: ``F.adaptive_max_pool2d`` on each distinct valid image size.
 * **avg, both partitions**: a float64 summed-area table, four lookups per bin; the backward
   scatters ``+-g / count`` at the four corners of each bin and integrates (two cumsums).
@@ -28,6 +29,7 @@ row-major order; a bin with a NaN selects its first NaN.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +64,9 @@ def _root_plan(levels: Levels) -> list[int | None]:
 
 
 def _torchvision_max(x32: torch.Tensor, qrois: torch.Tensor, bh: int, bw: int):
-    """torchvision's ``roi_pool`` of quantised RoIs: ``(values, int32 argmax)``."""
-    out, arg = torch.ops.torchvision.roi_pool(x32, qrois, 1.0, bh, bw)
-    return out, arg.to(torch.int32)
+    """torchvision's ``roi_pool`` of quantised RoIs: ``(values, int64 argmax)`` (narrowed to int32
+    when copied into the output)."""
+    return torch.ops.torchvision.roi_pool(x32, qrois, 1.0, bh, bw)
 
 
 def _torchvision_max_values(x32: torch.Tensor, qrois: torch.Tensor, bh: int, bw: int):
@@ -95,10 +97,53 @@ def _set_empty_bins(val: torch.Tensor, empty: torch.Tensor, fill: float) -> torc
     return val.masked_fill(empty[:, None], fill)
 
 
-def _has_nan(x: torch.Tensor) -> bool:
-    """Whether ``x`` holds a NaN. A sum is one fast vectorised pass and is finite whenever every
-    element is (barring overflow); only otherwise is the exact elementwise test run."""
-    return not bool(torch.isfinite(x.sum())) and bool(x.isnan().any())
+class _Quantised(NamedTuple):
+    """RoIs quantised once (``bins.quantize_rois``) for every level, the NaN guard and the patch:
+    integer ``(x0, y0, width, height)`` and the same corners as exact floats for torchvision's
+    ``roi_pool`` with scale 1 (whose own rounding of an integer is the identity)."""
+
+    batch: torch.Tensor
+    x0: torch.Tensor
+    y0: torch.Tensor
+    width: torch.Tensor
+    height: torch.Tensor
+    qrois: torch.Tensor
+
+
+def _quantise(regions, scales, bin_dtype, dtype) -> _Quantised:
+    x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
+    qrois = torch.stack([regions[:, 0], x0, y0, x0 + roi_w - 1, y0 + roi_h - 1], dim=1).to(dtype)
+    return _Quantised(_batch_index(regions), x0, y0, roi_w, roi_h, qrois)
+
+
+# Below these, the NaN guard reads each RoI's window instead of the whole map.
+_WINDOW_GUARD_MAX_ROIS = 64
+_WINDOW_GUARD_MAX_FRACTION = 0.25
+
+
+def _nan_in_windows(x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype) -> bool:
+    """Whether a NaN lies where some RoI reads: the union of its bins over all levels (bins are
+    ordered, so it spans from the first bin's start to the last bin's end, clipped to the map).
+    ``max()`` propagates NaN and, unlike a sum, cannot overflow, so this is exact in one pass
+    (``amax`` of a strided window is several times slower than the full reduction ``max()``).
+    Few RoIs with small windows: only the windows are read (the common FPN case, where most of a
+    large map is read by no RoI); else the whole map, once."""
+    if q.x0.shape[0] <= _WINDOW_GUARD_MAX_ROIS:
+        _, _, height, width = x.shape
+        row_edges = [bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype) for bh, _ in levels]
+        col_edges = [bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype) for _, bw in levels]
+        r0 = torch.stack([lo[:, 0] for lo, _ in row_edges]).amin(0)
+        r1 = torch.stack([hi[:, -1] for _, hi in row_edges]).amax(0)
+        c0 = torch.stack([lo[:, 0] for lo, _ in col_edges]).amin(0)
+        c1 = torch.stack([hi[:, -1] for _, hi in col_edges]).amax(0)
+        area = int(((r1 - r0).clamp(min=0) * (c1 - c0).clamp(min=0)).sum())
+        if area <= _WINDOW_GUARD_MAX_FRACTION * x[:, 0].numel():
+            windows = zip(*(t.tolist() for t in (q.batch, r0, r1, c0, c1)), strict=True)
+            return any(
+                a < b and c < d and bool(x[i, :, a:b, c:d].max().isnan())
+                for i, a, b, c, d in windows
+            )
+    return bool(x.max().isnan())
 
 
 def _roi_max(
@@ -113,24 +158,27 @@ def _roi_max(
     float64). Returns ``(values [K, C*P], argmax [K, C*P] or None)``, levels concatenated."""
     x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
     k, c = regions.shape[0], x.shape[1]
-    if not with_argmax:  # allocated before the temporaries: reuses memory freed last call
-        out = torch.empty(k, c * bins.pyramid_width(levels), dtype=x.dtype, device=x.device)
-    results = _roi_max_levels(x32, regions, scales, levels, bin_dtype, _has_nan(x32), with_argmax)
-    if with_argmax:
-        return (
-            torch.cat([v.reshape(k, -1) for v, _ in results], dim=1).to(x.dtype),
-            torch.cat([a.reshape(k, -1) for _, a in results], dim=1),
-        )
-    # One output, each level copied into its block (no concatenation of temporaries).
-    for (v, _), offset in zip(results, bins.level_offsets(levels, c), strict=True):
-        out[:, offset : offset + v[0].numel()].view_as(v).copy_(v)
-    return out, None
+    # Allocated before the temporaries: reuses memory freed last call.
+    width = c * bins.pyramid_width(levels)
+    out = torch.empty(k, width, dtype=x.dtype, device=x.device)
+    argmax = torch.empty(k, width, dtype=torch.int32, device=x.device) if with_argmax else None
+    q = _quantise(regions, scales, bin_dtype, x32.dtype)
+    results = _roi_max_levels(
+        x32, q, levels, bin_dtype, _nan_in_windows(x32, q, levels, bin_dtype), with_argmax
+    )
+    # One output, each level copied into its block (no concatenation of temporaries; the dtype
+    # conversions, values to the input's and argmax to int32, happen in the same copy).
+    for (v, a), offset in zip(results, bins.level_offsets(levels, c), strict=True):
+        block = slice(offset, offset + v[0].numel())
+        out[:, block].view_as(v).copy_(v)
+        if argmax is not None:
+            argmax[:, block].view_as(a).copy_(a)
+    return out, argmax
 
 
 def _roi_max_levels(
     x32: torch.Tensor,
-    regions: torch.Tensor,
-    scales: torch.Tensor,
+    q: _Quantised,
     levels: Levels,
     bin_dtype: torch.dtype,
     has_nan: bool,
@@ -149,23 +197,22 @@ def _roi_max_levels(
     bins that are empty set back to 0, replaces theirs. A genuine -inf in the input is kept.
     """
     n_img, c, height, width = x32.shape
-    k = regions.shape[0]
-    x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
-    # Quantised RoIs as exact floats with scale 1: torchvision then partitions exactly as bins.py.
-    qrois = torch.stack(
-        [
-            regions[:, 0].to(x32.dtype),
-            x0.to(x32.dtype),
-            y0.to(x32.dtype),
-            (x0 + roi_w - 1).to(x32.dtype),
-            (y0 + roi_h - 1).to(x32.dtype),
-        ],
-        dim=1,
-    )
-    if with_argmax:
-        results = [_torchvision_max(x32, qrois, bh, bw) for bh, bw in levels]
+    k = q.x0.shape[0]
+    x0, y0, roi_w, roi_h, qrois = q.x0, q.y0, q.width, q.height, q.qrois
+    plan = _root_plan(levels)
+    derives = any(src is not None and levels[src] != levels[i] for i, src in enumerate(plan))
+    if with_argmax or not derives:  # every level pooled directly: no geometry needed
+        pooled: dict[tuple[int, int], tuple] = {}
+        for bh, bw in levels:
+            if (bh, bw) not in pooled:
+                pooled[(bh, bw)] = (
+                    _torchvision_max(x32, qrois, bh, bw)
+                    if with_argmax
+                    else (_torchvision_max_values(x32, qrois, bh, bw), None)
+                )
+        results = [pooled[lv] for lv in levels]
         if has_nan:
-            _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions)
+            _patch_nan_bins(x32, levels, results, bin_dtype, q)
         return results
 
     geometry: dict[tuple[int, int], tuple] = {}
@@ -184,7 +231,6 @@ def _roi_max_levels(
     special_pos = torch.full((k,), -1, dtype=torch.int64, device=x32.device)
     special_pos[special_rows] = torch.arange(n_special, device=x32.device)
 
-    plan = _root_plan(levels)
     vals: list = [None] * len(levels)
     neg: list = [None] * len(levels)  # special rows, empty bins at -inf
     for i in sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1]):
@@ -232,11 +278,11 @@ def _roi_max_levels(
                 vals[i][special_rows] = _set_empty_bins(neg[i], empty[special_rows], 0.0)
     results = [(v, None) for v in vals]
     if has_nan:
-        _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions)
+        _patch_nan_bins(x32, levels, results, bin_dtype, q)
     return results
 
 
-def _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions):
+def _patch_nan_bins(x32, levels, results, bin_dtype, q: _Quantised):
     """torchvision skips NaN; spp_triton propagates it. Pool a key that is positive exactly at NaNs
     and larger for earlier positions: a positive pooled key marks a NaN bin and locates its first
     NaN."""
@@ -246,13 +292,14 @@ def _patch_nan_bins(x32, levels, results, bin_dtype, scales, regions):
     # positions are exact below 2**24 pixels per plane (float32).
     flat = torch.arange(plane, device=x32.device, dtype=bin_dtype).view(1, 1, height, width)
     key = torch.where(x32.isnan(), plane - flat, torch.full_like(flat, -1.0))
-    key_levels = _roi_max_levels(key, regions, scales, levels, bin_dtype, False, False)
+    key_q = q._replace(qrois=q.qrois.to(key.dtype))
+    key_levels = _roi_max_levels(key, key_q, levels, bin_dtype, False, False)
     for i, (kv, _) in enumerate(key_levels):
         val, arg = results[i]
         has_nan = kv > 0
         results[i] = (
             val.masked_fill(has_nan, float("nan")),
-            torch.where(has_nan, (plane - kv).to(torch.int32), arg) if arg is not None else None,
+            torch.where(has_nan, (plane - kv).to(arg.dtype), arg) if arg is not None else None,
         )
 
 
@@ -466,21 +513,25 @@ def pyramid_pool_backward(
             a = argmax if sel is None else argmax[sel]
             plane = height * width
             numel = n_img * c * plane
+            # Index arithmetic in int32 when the map allows (half the bytes of int64), widened
+            # once for scatter_add_.
+            idx_dtype = torch.int32 if numel < 2**31 - 1 else torch.int64
             column_offset = torch.cat(
                 [
-                    torch.arange(c, device=x.device).repeat_interleave(bh * bw) * plane
+                    torch.arange(c, device=x.device, dtype=idx_dtype).repeat_interleave(bh * bw)
+                    * plane
                     for bh, bw in levels
                 ]
             )
-            flat_idx = (
-                a.to(torch.int64)
-                .add_(column_offset)
-                .add_((_batch_index(reg) * (c * plane))[:, None])
-            )
+            flat_idx = a.to(idx_dtype) + column_offset
+            flat_idx.add_((_batch_index(reg) * (c * plane)).to(idx_dtype)[:, None])
             # Empty bins (argmax -1) add into one spare slot past the end: no boolean masking,
             # whose nonzero() costs more than the scatter itself. A 1-D scatter_add_ runs in
             # index order on CPU (deterministic) and is several times faster than index_put_.
-            flat_idx.masked_fill_(a < 0, numel)
+            # Most batches have no empty bin: one read of the argmax says so.
+            if a.numel() and int(a.min()) < 0:
+                flat_idx.masked_fill_(a < 0, numel)
+            flat_idx = flat_idx.to(torch.int64)
             grad = torch.zeros(numel + 1, dtype=acc_dtype, device=x.device)
             grad.scatter_add_(0, flat_idx.view(-1), g.to(acc_dtype).reshape(-1))
             grad = grad[:numel].view(n_img, c, height, width)

@@ -109,6 +109,22 @@ def test_nan_outside_every_roi_changes_nothing(gen):
             assert torch.equal(arg, ref_arg)
 
 
+@pytest.mark.parametrize(
+    "pixel,inside",
+    [((7, 6), True), ((3, 2), True), ((8, 6), False), ((7, 7), False), ((2, 2), False)],
+)
+def test_nan_guard_window_edges(gen, pixel, inside):
+    """The guard reads exactly the RoI's bins: rows [3, 8) x cols [2, 7) for this box."""
+    x = torch.randn(1, 1, 16, 16, generator=gen)
+    x[0, 0, pixel[0], pixel[1]] = float("nan")
+    rois = torch.tensor([[0, 2.0, 3.0, 6.0, 7.0]])
+    for with_argmax in (True, False):
+        out, _ = _forward(x, rois, (1, 2, 4), 1.0, with_argmax=with_argmax)
+        assert bool(out[0, 0].isnan()) == inside
+        if not inside:
+            assert torch.equal(out, _tv(x, rois, ((1, 1), (2, 2), (4, 4)), 1.0)[0])
+
+
 def test_infinities_and_huge_values_are_not_nan(gen):
     """+inf and -inf, and finite values whose sum overflows, are pooled as numbers."""
     x = torch.randn(1, 2, 9, 9, generator=gen)
