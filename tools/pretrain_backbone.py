@@ -5,8 +5,9 @@
     tools/pretrain_backbone.py --output /tmp/w.pth --iters 5 --batch-size 4 --num-images 8
 
 One intra-op thread unless --num-threads says otherwise (set OMP_NUM_THREADS=1 too on a shared
-machine). Writes a detectron2 checkpoint (float16, ResNet names, loaded by name-suffix matching into FPN and
-C4 models alike) and a ``.json`` record beside it. See :mod:`spp_triton.modeling.pretrain`.
+machine). Writes a detectron2 checkpoint (float16, ResNet names, loaded by name-suffix matching
+into FPN and C4 models alike) and a ``.json`` record beside it. See
+:mod:`spp_triton.modeling.pretrain`.
 """
 
 from __future__ import annotations
