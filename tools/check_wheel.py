@@ -74,6 +74,7 @@ def build_wheel(dist: Path) -> Path:
         "spp_triton/configs/Shapes/faster_rcnn_R_18_FPN_spp124.yaml",
         "spp_triton/configs/Base-RCNN-FPN.yaml",
         "spp_triton/configs/LazyConfigs/faster_rcnn_R_50_FPN_spp124.py",
+        "spp_triton/configs/Shapes/weights/shapes_R18_w24_pretrained.pth",
         "spp_triton/cli/train.py",
     ]
     missing = [n for n in needed if n not in names]

@@ -111,6 +111,9 @@ def setup(args):
             raise FileNotFoundError(f"--config-file: {e}") from None
         args.config_file = config_file  # default_setup copies the file it names
     register_datasets()  # the names, for validation
+    from spp_triton.modeling.weights import register_weights_handler
+
+    register_weights_handler()  # MODEL.WEIGHTS may name spp_triton://... files in the package
     cfg = get_cfg()
     add_spp_config(cfg)
     if config_file:

@@ -384,6 +384,9 @@ def setup_lazy(args):
         raise ValueError(f"--config-file {config_file!r} is not a LazyConfig (.py)")
     args.config_file = config_file  # default_setup logs the file it names
     register_datasets()  # the names, for validation
+    from spp_triton.modeling.weights import register_weights_handler
+
+    register_weights_handler()  # MODEL.WEIGHTS may name spp_triton://... files in the package
     cfg = LazyConfig.load(config_file)
     apply_overrides(cfg, getattr(args, "opts", None))
     eval_only = bool(getattr(args, "eval_only", False))
