@@ -168,7 +168,3 @@ def multilevel_roi_spp_pool(
     levels = _checks.check_levels(levels)
     mode = _checks.check_mode(mode)
     return _multilevel_checked(features, rois, feature_index, scales, levels, mode)
-
-
-# modeling/config.py still imports this name; it is the one levels check of ``_checks``.
-_check_levels = _checks.check_levels

@@ -69,12 +69,12 @@ def validate_config(cfg: CN) -> CN:
             "before merge_from_file"
         )
     levels = cfg.MODEL.SPP.LEVELS
-    from spp_triton.functional import _check_levels
+    from spp_triton._checks import check_levels
 
     try:  # the Python API's own rule: ints n (n x n bins) or (bins_h, bins_w) pairs
         if not isinstance(levels, (list, tuple)):
             raise ValueError("not a list")
-        _check_levels(levels, "MODEL.SPP.LEVELS")
+        check_levels(levels, "MODEL.SPP.LEVELS")
     except (ValueError, TypeError) as e:
         _fail(
             "MODEL.SPP.LEVELS",
