@@ -22,7 +22,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) tools/compare_heads.py --output-dir output/demo
+	$(PY) tools/compare_heads.py --seeds 2 --output-dir output/demo
 
 fuzz: setup
 	$(PY) tools/fuzz.py --cases 10000

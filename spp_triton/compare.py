@@ -58,7 +58,7 @@ DEFAULT_CONFIGS = [
     "configs/Shapes/faster_rcnn_R_18_FPN_roialignv2.yaml",
     "configs/Shapes/faster_rcnn_R_18_FPN_roipool.yaml",
     "configs/Shapes/faster_rcnn_R_18_FPN_spp124.yaml",
-    "configs/Shapes/sppnet_R_18_C4_spp1236.yaml",
+    "configs/Shapes/sppnet_R_18_C4_spp1236_frozen.yaml",
 ]
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 RESULT_VERSION = 2

@@ -1,5 +1,6 @@
-"""spp_triton.bench.kernels (spp-triton-bench, tools/benchmark_kernels.py): the --quick sweep end to end on CPU (in process and as a CLI), the
-bytes floor's covered-pixel count, and the target evaluation."""
+"""spp_triton.bench.kernels (spp-triton-bench, tools/benchmark_kernels.py): the --quick sweep end
+to end on CPU (in process and as a CLI), the bytes floor's covered-pixel count, and the target
+evaluation."""
 
 from __future__ import annotations
 

@@ -76,18 +76,40 @@ def test_config_names_and_schedules():
     assert list(shapes_sppnet.MODEL.SPP.LEVELS) == [1, 2, 3, 6]
     assert list(shapes_sppnet.MODEL.ROI_HEADS.IN_FEATURES) == ["res4"]  # stride 16, as SPP-net
     shapes_fpn = make_cfg(CONFIGS / "Shapes/faster_rcnn_R_18_FPN_spp124.yaml")
-    # the same schedule, images, backbone width and RoI sampling for all four heads
+    frozen = make_cfg(CONFIGS / "Shapes/sppnet_R_18_C4_spp1236_frozen.yaml")
+    # Every Shapes head: the same backbone (and pretrained weights, except the from-scratch
+    # baseline), batch, learning rate, and RoI sampling; the C4 family sees its images at 2x
+    # (a 128-px image gives an 8x8 stride-16 map) and trains longer.
     for node, keys in (
-        ("SOLVER", ("MAX_ITER", "STEPS", "WARMUP_ITERS", "IMS_PER_BATCH", "BASE_LR")),
-        ("INPUT", ("MIN_SIZE_TRAIN", "MAX_SIZE_TRAIN", "MIN_SIZE_TEST", "MAX_SIZE_TEST")),
-        ("MODEL.RESNETS", ("DEPTH", "RES2_OUT_CHANNELS", "STEM_OUT_CHANNELS")),
+        ("SOLVER", ("IMS_PER_BATCH", "BASE_LR", "WARMUP_ITERS")),
+        ("MODEL", ("PIXEL_MEAN", "PIXEL_STD")),
+        ("MODEL.RESNETS", ("DEPTH", "RES2_OUT_CHANNELS", "STEM_OUT_CHANNELS", "NORM")),
         ("MODEL.ROI_HEADS", ("BATCH_SIZE_PER_IMAGE", "POSITIVE_FRACTION")),
     ):
         for key in keys:
-            a, b = shapes_sppnet, shapes_fpn
+            a, b = frozen, shapes_fpn
             for part in node.split("."):
                 a, b = getattr(a, part), getattr(b, part)
             assert getattr(a, key) == getattr(b, key), f"{node}.{key}"
+    assert tuple(frozen.INPUT.MIN_SIZE_TRAIN) == tuple(
+        2 * s for s in shapes_fpn.INPUT.MIN_SIZE_TRAIN
+    )
+    assert frozen.INPUT.MIN_SIZE_TEST == 2 * shapes_fpn.INPUT.MIN_SIZE_TEST
+    weights = {}  # make_cfg blanks MODEL.WEIGHTS: read the files' own values
+    for name in (
+        "faster_rcnn_R_18_FPN_spp124",
+        "sppnet_R_18_C4_spp1236_frozen",
+        "sppnet_R_18_C4_spp1236",
+    ):
+        cfg = get_cfg()
+        add_spp_config(cfg)
+        cfg.merge_from_file(str(CONFIGS / "Shapes" / f"{name}.yaml"))
+        weights[name] = cfg.MODEL.WEIGHTS
+    pretrained = "spp_triton://Shapes/weights/shapes_R18_w24_pretrained.pth"
+    assert weights["faster_rcnn_R_18_FPN_spp124"] == pretrained
+    assert weights["sppnet_R_18_C4_spp1236_frozen"] == pretrained
+    assert weights["sppnet_R_18_C4_spp1236"] == "" and shapes_sppnet.MODEL.RESNETS.NORM == "BN"
+    assert frozen.MODEL.BACKBONE.FREEZE_AT == 4  # SPP-net's recipe: conv layers frozen
     for config in YAML_CONFIGS:  # the yaml never pins the device; setup() picks CPU if needed
         cfg = get_cfg()
         add_spp_config(cfg)

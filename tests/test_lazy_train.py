@@ -233,7 +233,20 @@ def test_shapes_lazy_config_trains_as_the_yacs_config():
     assert cfg.train.checkpointer.period == yacs_cfg.SOLVER.CHECKPOINT_PERIOD
     assert cfg.train.eval_period == yacs_cfg.TEST.EVAL_PERIOD
     assert cfg.train.seed == yacs_cfg.SEED
-    assert cfg.train.init_checkpoint == ""
+    # the same pretrained weights (make_cfg blanks MODEL.WEIGHTS: read the file's own value)
+    assert cfg.train.init_checkpoint == _yacs_file_weights()
+    assert cfg.train.init_checkpoint.startswith("spp_triton://")
+
+
+def _yacs_file_weights() -> str:
+    from detectron2.config import get_cfg
+
+    from spp_triton.modeling import add_spp_config
+
+    cfg = get_cfg()
+    add_spp_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs/Shapes/faster_rcnn_R_18_FPN_spp124.yaml"))
+    return cfg.MODEL.WEIGHTS
 
 
 # ------------------------------------------------------------------ set-up and its errors

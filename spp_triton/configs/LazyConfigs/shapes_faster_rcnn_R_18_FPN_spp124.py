@@ -4,9 +4,10 @@ The twin of the yacs ``configs/Shapes/faster_rcnn_R_18_FPN_spp124.yaml`` (over
 ``Base-Shapes-FPN.yaml``): the same model (3/8-width basic-block R-18 with a 48-channel FPN,
 ``SPPROIHeads`` whose box pooler is an :class:`spp_triton.modeling.SPPROIPooler` with levels
 [1, 2, 4]: 48 * 21 = 1008 values per RoI into two 256-wide fc layers), the same data
-(``shapes_train`` / ``shapes_val``, 112-128 px training sizes), optimizer (SGD 0.04 with
-per-parameter gradient-norm clipping at 5), schedule (780 iterations of 8 images, decays at 605
-and 720, 60 warm-up iterations) and COCO evaluation at the end of training.
+(``shapes_train`` / ``shapes_val``, 112-128 px training sizes), optimizer (SGD 0.02 with
+per-parameter gradient-norm clipping at 5), schedule (350 iterations of 8 images, decays at 280
+and 330, 30 warm-up iterations), the project's pretrained backbone with frozen BN statistics,
+and COCO evaluation at the end of training.
 
     spp-triton-train --config-file configs/LazyConfigs/shapes_faster_rcnn_R_18_FPN_spp124.py
     spp-triton-train --config-file configs/LazyConfigs/shapes_faster_rcnn_R_18_FPN_spp124.py \\
@@ -50,14 +51,16 @@ from spp_triton.modeling import (
     spp_pooled_shape,
 )
 
-MAX_ITER = 780
+MAX_ITER = 350
 
 model = L(GeneralizedRCNN)(
     backbone=L(FPN)(
         bottom_up=L(ResNet)(
-            stem=L(BasicStem)(in_channels=3, out_channels=24, norm="BN"),
+            stem=L(BasicStem)(in_channels=3, out_channels=24, norm="FrozenBN"),
             # 3/8-width R-18: stages 24-48-96-192 (spp_triton.modeling.backbone)
-            stages=L(basic_resnet_stages)(depth=18, in_channels=24, out_channels=24, norm="BN"),
+            stages=L(basic_resnet_stages)(
+                depth=18, in_channels=24, out_channels=24, norm="FrozenBN"
+            ),
             out_features=["res2", "res3", "res4", "res5"],
             freeze_at=0,  # trained from scratch: nothing to freeze
         ),
@@ -159,31 +162,32 @@ dataloader.evaluator = L(COCOEvaluator)(
 
 optimizer = L(ClippedSGD)(
     params=L(get_default_optimizer_params)(weight_decay_norm=0.0),
-    lr=0.04,
+    lr=0.02,
     momentum=0.9,
     weight_decay=1e-4,
-    # guard for training from scratch: clip each parameter's gradient norm
+    # guard: clip each parameter's gradient norm
     clip_type="norm",
     clip_value=5.0,
 )
 
-# 780 iterations: x0.1 at 605 and 720, linear warm-up over the first 60 from 0.001.
+# 350 iterations: x0.1 at 280 and 330, linear warm-up over the first 30 from 0.001.
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[605, 720], num_updates=MAX_ITER
+        values=[1.0, 0.1, 0.01], milestones=[280, 330], num_updates=MAX_ITER
     ),
-    warmup_length=60 / MAX_ITER,
+    warmup_length=30 / MAX_ITER,
     warmup_method="linear",
     warmup_factor=0.001,
 )
 
 train = dict(
     output_dir="./output/LazyConfigs/shapes_faster_rcnn_R_18_FPN_spp124",
-    init_checkpoint="",  # random init
+    # tools/pretrain_backbone.py's weights, as the yaml configs (spp_triton:// = in the package)
+    init_checkpoint="spp_triton://Shapes/weights/shapes_R18_w24_pretrained.pth",
     max_iter=MAX_ITER,
     amp=dict(enabled=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
-    checkpointer=dict(period=250, max_to_keep=100),
+    checkpointer=dict(period=100, max_to_keep=100),
     eval_period=0,  # evaluate once, at the end of training
     log_period=20,
     device="cuda",
