@@ -1,6 +1,7 @@
 """Shared pieces of the detectron2 tests (tests/test_modeling_*.py, test_engine_*.py,
 test_configs.py): the shipped configs' paths, small yacs configs, random images, parsed
-``train_net`` arguments, and the one-thread fixture (import it into a test module to use it)."""
+``train_net`` arguments, the 8-image ``shapes_val_first8`` test set, and the one-thread fixture
+(import it into a test module to use it)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,23 @@ CONFIGS = REPO / "configs"
 YAML_CONFIGS = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
 SHAPES_BASE = CONFIGS / "Shapes" / "Base-Shapes-FPN.yaml"
 SPP_CFG = CONFIGS / "Shapes" / "faster_rcnn_R_18_FPN_spp124.yaml"
+#: The first 8 shapes_val images, registered by :func:`register_mini_val` (fast evaluations).
+MINI = "shapes_val_first8"
+
+
+def register_mini_val() -> str:
+    """Register :data:`MINI` (shapes_val's metadata, its first 8 records); idempotent."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    import spp_triton.data  # noqa: F401  (registers shapes_*)
+
+    if MINI not in DatasetCatalog.list():
+        full = MetadataCatalog.get("shapes_val")
+        DatasetCatalog.get("shapes_val")  # generate the cache
+        DatasetCatalog.register(MINI, lambda: DatasetCatalog.get("shapes_val")[:8])
+        meta = {k: v for k, v in full.as_dict().items() if k != "name"}
+        MetadataCatalog.get(MINI).set(**meta)
+    return MINI
 
 
 @pytest.fixture(autouse=True, scope="module")

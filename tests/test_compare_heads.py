@@ -12,11 +12,10 @@ import pytest
 
 pytest.importorskip("detectron2")
 
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from d2_helpers import MINI, register_mini_val  # noqa: E402
 
 from spp_triton import compare  # noqa: E402
 
-MINI = "shapes_val_first8"
 TINY_OPTS = [
     "SOLVER.MAX_ITER",
     "4",
@@ -37,15 +36,7 @@ TINY_OPTS = [
 
 @pytest.fixture(scope="module")
 def mini_val():
-    import spp_triton.data  # noqa: F401  (registers shapes_*)
-
-    if MINI not in DatasetCatalog.list():
-        full = MetadataCatalog.get("shapes_val")
-        DatasetCatalog.get("shapes_val")  # generate the cache
-        DatasetCatalog.register(MINI, lambda: DatasetCatalog.get("shapes_val")[:8])
-        meta = {k: v for k, v in full.as_dict().items() if k != "name"}
-        MetadataCatalog.get(MINI).set(**meta)
-    return MINI
+    return register_mini_val()
 
 
 @pytest.mark.slow

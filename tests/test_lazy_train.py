@@ -24,8 +24,9 @@ import torch
 
 pytest.importorskip("detectron2")
 
+from d2_helpers import MINI, one_thread, register_mini_val  # noqa: E402, F401  (one_thread: autouse)
 from detectron2.config import LazyConfig, get_cfg, instantiate  # noqa: E402
-from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog  # noqa: E402
+from detectron2.data import DatasetMapper  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
@@ -37,7 +38,6 @@ TRAIN_NET = REPO / "tools" / "train_net.py"
 LAZY_CFG = REPO / "configs" / "LazyConfigs" / "shapes_faster_rcnn_R_18_FPN_spp124.py"
 YAML_CFG = REPO / "configs" / "Shapes" / "faster_rcnn_R_18_FPN_spp124.yaml"
 
-MINI = "shapes_val_first8"
 # Small and fast (as tests/test_train_net.py's TINY for the yacs config).
 TINY = [
     "model.backbone.out_channels=16",
@@ -59,26 +59,9 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def mini_val():
-    """The first 8 shapes_val images (as tests/test_compare_heads.py registers them)."""
-    import spp_triton.data  # noqa: F401  (registers shapes_*)
-
-    if MINI not in DatasetCatalog.list():
-        full = MetadataCatalog.get("shapes_val")
-        DatasetCatalog.get("shapes_val")  # generate the cache
-        DatasetCatalog.register(MINI, lambda: DatasetCatalog.get("shapes_val")[:8])
-        meta = {k: v for k, v in full.as_dict().items() if k != "name"}
-        MetadataCatalog.get(MINI).set(**meta)
-    return MINI
+    return register_mini_val()
 
 
 def _parse(*argv):

@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from d2_helpers import tiny_model_opts  # noqa: E402
+from d2_helpers import one_thread, tiny_model_opts  # noqa: E402, F401  (one_thread: autouse)
 from detectron2.engine import default_argument_parser  # noqa: E402
 
 from spp_triton.engine import Trainer, setup  # noqa: E402
@@ -60,14 +60,6 @@ TINY = [
     "SEED",
     "7",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _train_net():
