@@ -2,9 +2,9 @@
 
 It has the same interface as ``spp_triton.kernels.pyramid_pool`` (see there for the argument
 conventions) and runs on any device. ``spp_triton.ops`` uses it for CPU tensors and for the
-deterministic backward (max scatters through a 1-D ``scatter_add_``, avg through
-``index_put_(accumulate=True)``; PyTorch makes both deterministic under
-``torch.use_deterministic_algorithms(True)``).
+deterministic backward (max: torchvision's serial ``_roi_pool_backward`` on CPU, a 1-D
+``scatter_add_`` on other devices; avg: ``index_put_(accumulate=True)``; PyTorch makes the last
+two deterministic under ``torch.use_deterministic_algorithms(True)``).
 
 How it is fast without a loop per RoI:
 
@@ -14,9 +14,10 @@ How it is fast without a loop per RoI:
   instead of once per level. Nesting of torchvision's float partition is checked per RoI, and the
   rare RoIs where it fails (e.g. 14 bins over some extents) are pooled directly. Boxes are handed to
   torchvision already quantised (``spp_triton.bins``) with scale 1, so the partition is ours.
-  The RoIs are quantised once per call and map. torchvision skips NaN; bins that contain a NaN
-  are patched to NaN afterwards, only when a NaN lies where some RoI reads (a NaN-propagating
-  ``max()`` over the RoIs' windows, or over the whole map when the windows cover much of it).
+  The RoIs are quantised once per call and map. torchvision skips NaN and never returns less
+  than -FLT_MAX; a guard (one reduction over the RoIs' windows, or over the whole map when the
+  windows cover much of it) finds the RoIs that read a NaN, an infinity or a huge value, and only
+  those are pooled again by a direct, exact gather (``_exact_max``).
 * **max, adaptive partition**: ``F.adaptive_max_pool2d`` on each distinct valid image size.
 * **avg, both partitions**: a float64 summed-area table, four lookups per bin; the backward
   scatters ``+-g / count`` at the four corners of each bin and integrates (two cumsums).
@@ -116,34 +117,135 @@ def _quantise(regions, scales, bin_dtype, dtype) -> _Quantised:
     return _Quantised(_batch_index(regions), x0, y0, roi_w, roi_h, qrois)
 
 
-# Below these, the NaN guard reads each RoI's window instead of the whole map.
-_WINDOW_GUARD_MAX_ROIS = 64
-_WINDOW_GUARD_MAX_FRACTION = 0.25
+# The guard: which RoIs read a value that torchvision's roi_pool handles differently from
+# spp_triton's rule. torchvision starts each bin at -FLT_MAX and keeps a value only if it is
+# greater, so it skips NaN (spp_triton propagates it) and returns -FLT_MAX with argmax -1 for a
+# bin whose every number is <= -FLT_MAX (spp_triton: the true maximum, e.g. -inf, at its first
+# position). A RoI whose window (the union of its bins over all levels) holds a NaN, an infinity
+# or a value of magnitude >= FLT_MAX is pooled again by ``_exact_max``.
+#
+# The test reduces a window over channels, then over pixels, and flags it unless the result is
+# below a bound:
+# * sum, float32 (values only): a NaN or -inf makes the sum NaN or infinite. A bin of numbers
+#   all <= -FLT_MAX that are not -inf is all -FLT_MAX in float32, which torchvision's value
+#   already equals.
+# * sum of squares (with argmax, and float64): flags any |v| >= FLT_MAX, squares cannot cancel.
+#   In float32 the square overflows to inf; in float64 the bound is FLT_MAX**2.
+# Overflowing finite sums are flagged too; that only costs a second, exact pooling of the RoI.
+_FLT_MAX = torch.finfo(torch.float32).max
+# rough CPU costs (ns) that pick between a whole-map reduction and one per RoI window
+_NS_PER_MAP_ELEMENT = 0.15
+_NS_PER_WINDOW_ELEMENT = 0.5
+_NS_PER_WINDOW = 10_000.0
 
 
-def _nan_in_windows(x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype) -> bool:
-    """Whether a NaN lies where some RoI reads: the union of its bins over all levels (bins are
-    ordered, so it spans from the first bin's start to the last bin's end, clipped to the map).
-    ``max()`` propagates NaN and, unlike a sum, cannot overflow, so this is exact in one pass
-    (``amax`` of a strided window is several times slower than the full reduction ``max()``).
-    Few RoIs with small windows: only the windows are read (the common FPN case, where most of a
-    large map is read by no RoI); else the whole map, once."""
-    if q.x0.shape[0] <= _WINDOW_GUARD_MAX_ROIS:
-        _, _, height, width = x.shape
-        row_edges = [bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype) for bh, _ in levels]
-        col_edges = [bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype) for _, bw in levels]
-        r0 = torch.stack([lo[:, 0] for lo, _ in row_edges]).amin(0)
-        r1 = torch.stack([hi[:, -1] for _, hi in row_edges]).amax(0)
-        c0 = torch.stack([lo[:, 0] for lo, _ in col_edges]).amin(0)
-        c1 = torch.stack([hi[:, -1] for _, hi in col_edges]).amax(0)
-        area = int(((r1 - r0).clamp(min=0) * (c1 - c0).clamp(min=0)).sum())
-        if area <= _WINDOW_GUARD_MAX_FRACTION * x[:, 0].numel():
-            windows = zip(*(t.tolist() for t in (q.batch, r0, r1, c0, c1)), strict=True)
-            return any(
-                a < b and c < d and bool(x[i, :, a:b, c:d].max().isnan())
-                for i, a, b, c, d in windows
-            )
-    return bool(x.max().isnan())
+def _windows(q: _Quantised, levels: Levels, height: int, width: int, bin_dtype):
+    """Per RoI, the clipped rows ``[r0, r1)`` and columns ``[c0, c1)`` its bins read (bins are
+    ordered, so from the first bin's start to the last bin's end), each int64 ``[K]``."""
+    row_edges = [bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype) for bh, _ in levels]
+    col_edges = [bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype) for _, bw in levels]
+    r0 = torch.stack([lo[:, 0] for lo, _ in row_edges]).amin(0)
+    r1 = torch.stack([hi[:, -1] for _, hi in row_edges]).amax(0)
+    c0 = torch.stack([lo[:, 0] for lo, _ in col_edges]).amin(0)
+    c1 = torch.stack([hi[:, -1] for _, hi in col_edges]).amax(0)
+    return r0, r1, c0, c1
+
+
+def _special_rois(
+    x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype, squares: bool
+) -> torch.Tensor | None:
+    """Indices of the RoIs whose windows hold a value the guard flags (see above), or ``None``.
+
+    Few RoIs with small windows: each window is reduced on its own (most of a large FPN map is
+    read by no RoI). Otherwise the whole map is reduced over channels once, and a summed-area
+    table of the flagged pixels says which windows hold one."""
+    n_img, c, height, width = x.shape
+    bound = math.inf if x.dtype != torch.float64 or not squares else _FLT_MAX**2
+    r0, r1, c0, c1 = _windows(q, levels, height, width, bin_dtype)
+    area = int(((r1 - r0).clamp(min=0) * (c1 - c0).clamp(min=0)).sum())
+    k = r0.shape[0]
+    window_cost = _NS_PER_WINDOW * k + _NS_PER_WINDOW_ELEMENT * c * area
+    if window_cost < _NS_PER_MAP_ELEMENT * x.numel():
+        extremes = [
+            _channel_reduce(x[i, :, a:b, cc:d], 0, squares).amax()
+            for i, a, b, cc, d in zip(*(t.tolist() for t in (q.batch, r0, r1, c0, c1)), strict=True)
+            if a < b and cc < d
+        ]
+        if not extremes:
+            return None
+        reads = ((r1 > r0) & (c1 > c0)).nonzero().squeeze(1)
+        flagged = ~(torch.stack(extremes) < bound)
+        return reads[flagged] if bool(flagged.any()) else None
+    flagged = ~(_channel_reduce(x, 1, squares) < bound)  # [N, H, W]
+    if not bool(flagged.any()):
+        return None
+    table = F.pad(flagged.to(torch.int64).cumsum(1).cumsum(2), (1, 0, 1, 0))
+    b = q.batch
+    r0, c0 = r0.clamp(max=height), c0.clamp(max=width)
+    r1, c1 = r1.clamp(min=r0), c1.clamp(min=c0)
+    count = table[b, r1, c1] - table[b, r0, c1] - table[b, r1, c0] + table[b, r0, c0]
+    hits = (count > 0).nonzero().squeeze(1)
+    return hits if hits.numel() else None
+
+
+def _channel_reduce(v: torch.Tensor, dim: int, squares: bool) -> torch.Tensor:
+    """Sum over channels of ``v`` (or of its squares), as magnitudes: NaN stays NaN."""
+    return v.square().sum(dim) if squares else v.sum(dim).abs()
+
+
+# RoIs per chunk of the exact path keep its gathered values below about this many elements.
+_EXACT_CHUNK_ELEMENTS = 1 << 24
+
+
+def _exact_max(x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype):
+    """spp_triton's max rule read directly, for the few RoIs the guard flags: per level
+    ``(values [k, C, bh, bw], int32 argmax)``. Each bin's elements are gathered (rows and columns
+    padded to the largest bin by repeating the bin's last one, which changes neither its maximum
+    nor its first maximal position), reduced with ``amax`` (which propagates NaN), and the argmax
+    is the smallest flat index among the NaNs, if any, else among the maximal elements."""
+    n_img, c, height, width = x.shape
+    maps = x.reshape(n_img, c, height * width)
+    out = []
+    for bh, bw in levels:
+        rlo, rhi = bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype)
+        clo, chi = bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype)
+        pad_h = max(1, int((rhi - rlo).max()))
+        pad_w = max(1, int((chi - clo).max()))
+        step_h = torch.arange(pad_h, device=x.device)
+        step_w = torch.arange(pad_w, device=x.device)
+        rows = torch.minimum(rlo[:, :, None] + step_h, rhi[:, :, None] - 1).clamp(0, height - 1)
+        cols = torch.minimum(clo[:, :, None] + step_w, chi[:, :, None] - 1).clamp(0, width - 1)
+        # [k, bh, bw, P] flat positions of each bin's (padded) elements, P = pad_h * pad_w
+        flat = (rows[:, :, None, :, None] * width + cols[:, None, :, None, :]).flatten(-2)
+        empty = (rhi <= rlo)[:, :, None] | (chi <= clo)[:, None, :]
+        step = max(1, _EXACT_CHUNK_ELEMENTS // (c * bh * bw * pad_h * pad_w))
+        vals, args = [], []
+        for s in range(0, flat.shape[0], step):
+            pos = flat[s : s + step]
+            v = maps[q.batch[s : s + step].view(-1, 1, 1, 1), :, pos]  # [k, bh, bw, P, C]
+            m = v.amax(3)
+            has_nan = m.isnan()
+            hit = torch.where(has_nan[:, :, :, None], v.isnan(), v == m[:, :, :, None])
+            first = torch.where(hit, pos[..., None], height * width).amin(3)  # [k, bh, bw, C]
+            vals.append(m.permute(0, 3, 1, 2))
+            args.append(first.permute(0, 3, 1, 2))
+        v = torch.cat(vals).masked_fill(empty[:, None], 0.0)
+        a = torch.cat(args).masked_fill(empty[:, None], -1).to(torch.int32)
+        out.append((v, a))
+    return out
+
+
+def _repair(results, exact, rows: torch.Tensor) -> list:
+    """``results`` with the ``rows`` replaced by their exact values (and argmax)."""
+    fixed = []
+    for (val, arg), (ev, ea) in zip(results, exact, strict=True):
+        val = val.clone()
+        val[rows] = ev.to(val.dtype)
+        if arg is not None:
+            arg = arg.clone()
+            arg[rows] = ea.to(arg.dtype)
+        fixed.append((val, arg))
+    return fixed
 
 
 def _roi_max(
@@ -163,9 +265,12 @@ def _roi_max(
     out = torch.empty(k, width, dtype=x.dtype, device=x.device)
     argmax = torch.empty(k, width, dtype=torch.int32, device=x.device) if with_argmax else None
     q = _quantise(regions, scales, bin_dtype, x32.dtype)
-    results = _roi_max_levels(
-        x32, q, levels, bin_dtype, _nan_in_windows(x32, q, levels, bin_dtype), with_argmax
-    )
+    squares = with_argmax or x32.dtype == torch.float64
+    special = _special_rois(x32, q, levels, bin_dtype, squares)
+    results = _roi_max_levels(x32, q, levels, bin_dtype, with_argmax)
+    if special is not None:
+        sub = _Quantised(*(t[special] for t in q))
+        results = _repair(results, _exact_max(x32, sub, levels, bin_dtype), special)
     # One output, each level copied into its block (no concatenation of temporaries; the dtype
     # conversions, values to the input's and argmax to int32, happen in the same copy).
     for (v, a), offset in zip(results, bins.level_offsets(levels, c), strict=True):
@@ -181,7 +286,6 @@ def _roi_max_levels(
     q: _Quantised,
     levels: Levels,
     bin_dtype: torch.dtype,
-    has_nan: bool,
     with_argmax: bool,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Max over the RoI partition on one float32/float64 map: per level ``(values [K, C, bh, bw],
@@ -210,10 +314,7 @@ def _roi_max_levels(
                     if with_argmax
                     else (_torchvision_max_values(x32, qrois, bh, bw), None)
                 )
-        results = [pooled[lv] for lv in levels]
-        if has_nan:
-            _patch_nan_bins(x32, levels, results, bin_dtype, q)
-        return results
+        return [pooled[lv] for lv in levels]
 
     geometry: dict[tuple[int, int], tuple] = {}
     for bh, bw in levels:  # clipped (row_lo, row_hi, col_lo, col_hi) and emptiness [K, bh, bw]
@@ -276,31 +377,7 @@ def _roi_max_levels(
                 done.add(id(vals[i]))
                 empty = geometry[levels[i]][4]
                 vals[i][special_rows] = _set_empty_bins(neg[i], empty[special_rows], 0.0)
-    results = [(v, None) for v in vals]
-    if has_nan:
-        _patch_nan_bins(x32, levels, results, bin_dtype, q)
-    return results
-
-
-def _patch_nan_bins(x32, levels, results, bin_dtype, q: _Quantised):
-    """torchvision skips NaN; spp_triton propagates it. Pool a key that is positive exactly at NaNs
-    and larger for earlier positions: a positive pooled key marks a NaN bin and locates its first
-    NaN."""
-    n_img, c, height, width = x32.shape
-    plane = height * width
-    # The key is pooled in the bin dtype so that torchvision partitions exactly as for x32; its
-    # positions are exact below 2**24 pixels per plane (float32).
-    flat = torch.arange(plane, device=x32.device, dtype=bin_dtype).view(1, 1, height, width)
-    key = torch.where(x32.isnan(), plane - flat, torch.full_like(flat, -1.0))
-    key_q = q._replace(qrois=q.qrois.to(key.dtype))
-    key_levels = _roi_max_levels(key, key_q, levels, bin_dtype, False, False)
-    for i, (kv, _) in enumerate(key_levels):
-        val, arg = results[i]
-        has_nan = kv > 0
-        results[i] = (
-            val.masked_fill(has_nan, float("nan")),
-            torch.where(has_nan, (plane - kv).to(arg.dtype), arg) if arg is not None else None,
-        )
+    return [(v, None) for v in vals]
 
 
 # ----------------------------------------------------------------------------- max, adaptive
@@ -475,6 +552,61 @@ def pyramid_pool_forward(
     return out, argmax
 
 
+def _max_backward_cpu(g, argmax, batch, shape, levels):
+    """Max backward on CPU: torchvision's ``_roi_pool_backward`` once per level. It adds
+    ``g`` at each bin's argmax (``-1`` skipped) in one serial loop (deterministic), needs only the
+    RoIs' batch index and writes into one zeroed map per level: no index tensor as large as the
+    output is built."""
+    n_img, c, height, width = shape
+    k = g.shape[0]
+    # only column 0 (the batch index) is read
+    rois = torch.zeros(k, 5, dtype=g.dtype, device=g.device)
+    rois[:, 0] = batch
+    grad = None
+    for (bh, bw), offset in zip(levels, bins.level_offsets(levels, c), strict=True):
+        block = slice(offset, offset + c * bh * bw)
+        level_grad = torch.ops.torchvision._roi_pool_backward(
+            g[:, block].reshape(k, c, bh, bw),
+            rois,
+            argmax[:, block].reshape(k, c, bh, bw).contiguous(),  # its argmax must be dense
+            1.0,
+            bh,
+            bw,
+            n_img,
+            c,
+            height,
+            width,
+        )
+        grad = level_grad if grad is None else grad.add_(level_grad)
+    return grad
+
+
+def _max_backward_scatter(g, argmax, batch, shape, levels):
+    """Max backward on other devices (the deterministic path for CUDA tensors): one 1-D
+    ``scatter_add_`` of ``g`` at the flat argmax indices, which PyTorch makes deterministic."""
+    n_img, c, height, width = shape
+    plane = height * width
+    numel = n_img * c * plane
+    # Index arithmetic in int32 when the map allows (half the bytes of int64), widened once.
+    idx_dtype = torch.int32 if numel < 2**31 - 1 else torch.int64
+    column_offset = torch.cat(
+        [
+            torch.arange(c, device=g.device, dtype=idx_dtype).repeat_interleave(bh * bw) * plane
+            for bh, bw in levels
+        ]
+    )
+    flat_idx = argmax.to(idx_dtype) + column_offset
+    flat_idx.add_((batch * (c * plane)).to(idx_dtype)[:, None])
+    # Empty bins (argmax -1) add into one spare slot past the end: no boolean masking, whose
+    # nonzero() costs more than the scatter itself. Most batches have no empty bin: one read of
+    # the argmax says so.
+    if argmax.numel() and int(argmax.min()) < 0:
+        flat_idx.masked_fill_(argmax < 0, numel)
+    grad = torch.zeros(numel + 1, dtype=g.dtype, device=g.device)
+    grad.scatter_add_(0, flat_idx.to(torch.int64).view(-1), g.reshape(-1))
+    return grad[:numel].view(n_img, c, height, width)
+
+
 def pyramid_pool_backward(
     grad_out: torch.Tensor,
     features: list[torch.Tensor],
@@ -511,29 +643,7 @@ def pyramid_pool_backward(
             )
         else:
             a = argmax if sel is None else argmax[sel]
-            plane = height * width
-            numel = n_img * c * plane
-            # Index arithmetic in int32 when the map allows (half the bytes of int64), widened
-            # once for scatter_add_.
-            idx_dtype = torch.int32 if numel < 2**31 - 1 else torch.int64
-            column_offset = torch.cat(
-                [
-                    torch.arange(c, device=x.device, dtype=idx_dtype).repeat_interleave(bh * bw)
-                    * plane
-                    for bh, bw in levels
-                ]
-            )
-            flat_idx = a.to(idx_dtype) + column_offset
-            flat_idx.add_((_batch_index(reg) * (c * plane)).to(idx_dtype)[:, None])
-            # Empty bins (argmax -1) add into one spare slot past the end: no boolean masking,
-            # whose nonzero() costs more than the scatter itself. A 1-D scatter_add_ runs in
-            # index order on CPU (deterministic) and is several times faster than index_put_.
-            # Most batches have no empty bin: one read of the argmax says so.
-            if a.numel() and int(a.min()) < 0:
-                flat_idx.masked_fill_(a < 0, numel)
-            flat_idx = flat_idx.to(torch.int64)
-            grad = torch.zeros(numel + 1, dtype=acc_dtype, device=x.device)
-            grad.scatter_add_(0, flat_idx.view(-1), g.to(acc_dtype).reshape(-1))
-            grad = grad[:numel].view(n_img, c, height, width)
+            max_backward = _max_backward_cpu if x.device.type == "cpu" else _max_backward_scatter
+            grad = max_backward(g.to(acc_dtype), a, _batch_index(reg), x.shape, levels)
         grads.append(grad.to(x.dtype))
     return grads

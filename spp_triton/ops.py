@@ -148,6 +148,9 @@ def _setup_context(ctx, inputs, output):
     # The backward needs only the maps' shapes (dtype and device are the gradient's): the feature
     # maps themselves are not kept alive for it.
     ctx.feature_shapes = [int(d) for f in features for d in f.shape]
+    # The argmax output never gets a gradient: without this, autograd would allocate a zero
+    # tensor as large as the output for it before every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(regions, feature_index, output[1])
     ctx.scales, ctx.levels_hw, ctx.mode, ctx.partition = (
         list(scales),
@@ -159,6 +162,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_argmax):
     regions, feature_index, argmax = ctx.saved_tensors
+    if grad_out is None:  # (grads are not materialised) nothing flowed back into the output
+        no_grads = [None] * (len(ctx.feature_shapes) // 4)
+        return no_grads, None, None, [] if not ctx.scales else None, None, None, None, None
     if ctx.mode == "max" and argmax.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError(
             "spp_triton: this max-pooling output was computed with with_argmax=False (no input "

@@ -3,8 +3,9 @@ torchvision's ``roi_pool``, ``F.adaptive_max_pool2d`` and the loop reference.
 
 What is specific to this path: the derivation of coarse max levels from finer ones (and its
 fallback where torchvision's float partition does not nest), the -inf treatment of bins clipped
-away, the NaN guard and patch (torchvision skips NaN, spp_triton propagates it), one map without a
-``feature_index``, and the int32 argmax convention shared with the kernels.
+away, the guard and the exact re-pooling of RoIs that read NaN, infinities or values <= -FLT_MAX
+(torchvision skips NaN and never returns less than -FLT_MAX), one map without a
+``feature_index``, the int32 argmax convention shared with the kernels, and the backward.
 """
 
 from __future__ import annotations
@@ -148,6 +149,89 @@ def test_fpn_maps_nan_only_in_the_map_a_roi_reads(gen):
     )
     assert not out[0].isnan().any()
     assert out[1, 0].isnan() and not out[1, 1].isnan()
+
+
+def _rule_argmax(x, rois, levels, scale):
+    """The argmax rule by loops (independent of spp_triton.cpu): per RoI, level, channel, bin,
+    the first NaN of the bin in row-major order if it has one, else its first maximal element;
+    -1 for an empty bin. Bins from the reference's own geometry."""
+    n, c, height, width = x.shape
+    rows = []
+    for roi in rois.tolist():
+        b = int(roi[0])
+        row = []
+        for bh, bw in levels:
+            cells = reference.roi_bins_reference(*roi[1:], scale, bh, bw, height, width, x.dtype)
+            for ch in range(c):
+                for (h0, h1), (w0, w1) in cells:
+                    flat = [(h, w) for h in range(h0, h1) for w in range(w0, w1)]
+                    vals = [float(x[b, ch, h, w]) for h, w in flat]
+                    if not vals:
+                        row.append(-1)
+                        continue
+                    nans = [i for i, v in enumerate(vals) if v != v]
+                    i = nans[0] if nans else vals.index(max(vals))
+                    row.append(flat[i][0] * width + flat[i][1])
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def _special_map(gen, dtype):
+    """NaN, +-inf, -FLT_MAX and (float64) values below -FLT_MAX, scattered and as whole planes."""
+    x = torch.randn(2, 3, 9, 11, generator=gen, dtype=dtype)
+    u = torch.rand(x.shape, generator=gen)
+    lowest32 = torch.finfo(torch.float32).min
+    x[u < 0.04] = float("nan")
+    x[(u >= 0.04) & (u < 0.12)] = float("-inf")
+    x[(u >= 0.12) & (u < 0.16)] = lowest32
+    x[(u >= 0.16) & (u < 0.18)] = float("inf")
+    if dtype == torch.float64:
+        x[(u >= 0.18) & (u < 0.3)] = -1e100
+    x[0, 1] = float("-inf")  # bins with nothing but -inf
+    x[1, 2, :5] = lowest32  # bins with nothing but -FLT_MAX
+    x[1, 2, 5:] = float("-inf")
+    return x
+
+
+@pytest.mark.parametrize("guard", ["windows", "whole map"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_argmax", [True, False])
+def test_values_torchvision_mishandles_follow_the_rule(gen, monkeypatch, guard, dtype, with_argmax):
+    """torchvision skips NaN and returns -FLT_MAX / argmax -1 where every number is <= -FLT_MAX;
+    spp_triton's rule (the kernels', the reference's) propagates NaN and keeps -inf, -FLT_MAX and
+    smaller float64 values as the real maximum at its first position. Both guard strategies."""
+    if guard == "windows":
+        monkeypatch.setattr(cpu, "_NS_PER_MAP_ELEMENT", float("inf"))
+    else:
+        monkeypatch.setattr(cpu, "_NS_PER_MAP_ELEMENT", 0.0)
+    x = _special_map(gen, dtype)
+    rois = _rois(gen, 14, 2, 9, 11, 1.0).to(dtype)
+    levels = ((1, 1), (2, 2), (3, 3), (6, 6))
+    out, arg = _forward(x, rois, levels, 1.0, with_argmax=with_argmax)
+    ref = reference.roi_spp_pool_reference(x, rois, (1, 2, 3, 6), 1.0, "max")
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.nan_to_num(0.0, 1.0, -1.0), ref.nan_to_num(0.0, 1.0, -1.0))
+    assert torch.equal(out == float("-inf"), ref == float("-inf"))
+    assert (out == float("-inf")).any() and out.isnan().any()  # the cases did occur
+    if with_argmax:
+        assert torch.equal(arg, _rule_argmax(x, rois, levels, 1.0))
+
+
+def test_a_bin_of_minus_inf_is_minus_inf_and_gets_the_gradient():
+    """Regression: this path gave torchvision's -FLT_MAX and no gradient."""
+    import spp_triton
+
+    x = torch.full((1, 1, 4, 4), float("-inf"))
+    x[0, 0, 0, 0] = 1.0
+    x.requires_grad_()
+    rois = torch.tensor([[0, 1.0, 1.0, 3.0, 3.0]])
+    out = spp_triton.roi_spp_pool(x, rois, (1, 2), 1.0)
+    assert torch.equal(out, torch.full((1, 5), float("-inf")))
+    out.sum().backward()
+    expected = torch.zeros(1, 1, 4, 4)
+    expected[0, 0, 1, 1] = 2.0  # the first element of the 1x1 bin and of bin (0, 0)
+    expected[0, 0, 1, 2] = expected[0, 0, 2, 1] = expected[0, 0, 2, 2] = 1.0
+    assert torch.equal(x.grad, expected)
 
 
 # ----------------------------------------------------------------------------- one map, no index
