@@ -18,7 +18,8 @@ How it is fast without a loop per RoI:
   than -FLT_MAX; a guard (one reduction over the RoIs' windows, or over the whole map when the
   windows cover much of it) finds the RoIs that read a NaN, an infinity or a huge value, and only
   those are pooled again by a direct, exact gather (``_exact_max``).
-* **max, adaptive partition**: ``F.adaptive_max_pool2d`` on each distinct valid image size.
+* **max, adaptive partition**: ``F.adaptive_max_pool2d`` on each distinct valid image size (its
+  argmax moved to a bin's first NaN where it picked another).
 * **avg, both partitions**: a float64 summed-area table, four lookups per bin; the backward
   scatters ``+-g / count`` at the four corners of each bin and integrates (two cumsums).
 
@@ -381,6 +382,25 @@ def _roi_max_levels(
 
 
 # ----------------------------------------------------------------------------- max, adaptive
+def _adaptive_max(x: torch.Tensor, regions: torch.Tensor, levels: Levels, with_argmax: bool):
+    """Max over the adaptive partition, per level ``(values [K, C*bh*bw], int32 argmax or
+    None)``. ATen's ``adaptive_max_pool2d`` propagates NaN but its index is a bin's *last* NaN;
+    where a bin holds NaN the argmax is moved to its first (only when the output has a NaN)."""
+    results = _adaptive_max_single(x, regions, levels, with_argmax)
+    if not with_argmax or not any(bool(v.isnan().any()) for v, _ in results):
+        return results
+    n_img, c, height, width = x.shape
+    plane = height * width
+    # float64 key: positive at NaNs, larger for earlier positions (exact for any plane)
+    flat = torch.arange(plane, dtype=torch.float64, device=x.device).view(1, 1, height, width)
+    key = torch.where(x.isnan(), plane - flat, torch.full_like(flat, -1.0))
+    keys = _adaptive_max_single(key, regions, levels, False)
+    return [
+        (v, torch.where(kv > 0, (plane - kv).to(a.dtype), a))
+        for (v, a), (kv, _) in zip(results, keys, strict=True)
+    ]
+
+
 def _adaptive_max_single(x: torch.Tensor, regions: torch.Tensor, levels: Levels, with_argmax: bool):
     """``F.adaptive_max_pool2d`` per level on each group of images sharing a valid size (one
     group, and no copy, for an unpadded batch)."""
@@ -541,7 +561,7 @@ def pyramid_pool_forward(
         elif partition == "roi":
             val, arg = _roi_max(x, reg, scales, levels, bin_dtype, with_argmax)
         else:
-            pairs = _adaptive_max_single(x, reg, levels, with_argmax)
+            pairs = _adaptive_max(x, reg, levels, with_argmax)
             val = torch.cat([p[0] for p in pairs], dim=1)
             arg = torch.cat([p[1] for p in pairs], dim=1) if with_argmax else None
         if sel is None:  # one map: no zero-fill and copy

@@ -234,6 +234,33 @@ def test_a_bin_of_minus_inf_is_minus_inf_and_gets_the_gradient():
     assert torch.equal(x.grad, expected)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_adaptive_max_argmax_is_the_first_nan(gen, padded):
+    """ATen's adaptive_max_pool2d indexes a bin's last NaN; the rule is its first."""
+    x = _special_map(gen, torch.float32)[:, :, :8, :10].contiguous()
+    sizes = [[8, 10], [5, 7]] if padded else [[8, 10], [8, 10]]
+    regions = torch.tensor([[b, h, w] for b, (h, w) in enumerate(sizes)])
+    levels = ((1, 1), (2, 2), (3, 4))
+    out, arg = cpu.pyramid_pool_forward([x], regions, None, [], levels, "max", "adaptive", True)
+    expected = []
+    for b, h, w in regions.tolist():
+        row = []
+        for bh, bw in levels:
+            for ch in range(x.shape[1]):
+                for i in range(bh):
+                    for j in range(bw):
+                        h0, h1 = i * h // bh, -(-(i + 1) * h // bh)
+                        w0, w1 = j * w // bw, -(-(j + 1) * w // bw)
+                        cells = [(r, q) for r in range(h0, h1) for q in range(w0, w1)]
+                        vals = [float(x[b, ch, r, q]) for r, q in cells]
+                        nans = [n for n, v in enumerate(vals) if v != v]
+                        pick = nans[0] if nans else vals.index(max(vals))
+                        row.append(cells[pick][0] * x.shape[3] + cells[pick][1])
+        expected.append(row)
+    assert out.isnan().any()
+    assert torch.equal(arg, torch.tensor(expected, dtype=torch.int32))
+
+
 # ----------------------------------------------------------------------------- one map, no index
 @pytest.mark.parametrize("mode", ["max", "avg"])
 @pytest.mark.parametrize("partition", ["roi", "adaptive"])
