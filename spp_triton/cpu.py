@@ -112,27 +112,21 @@ class _Quantised(NamedTuple):
     qrois: torch.Tensor
 
 
-def _quantise(regions, scales, bin_dtype, dtype) -> _Quantised:
-    x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scales, bin_dtype)
+def _quantise(regions, scale, bin_dtype, dtype) -> _Quantised:
+    x0, y0, roi_w, roi_h = bins.quantize_rois(regions[:, 1:5], scale, bin_dtype)
     qrois = torch.stack([regions[:, 0], x0, y0, x0 + roi_w - 1, y0 + roi_h - 1], dim=1).to(dtype)
     return _Quantised(_batch_index(regions), x0, y0, roi_w, roi_h, qrois)
 
 
-# The guard: which RoIs read a value that torchvision's roi_pool handles differently from
-# spp_triton's rule. torchvision starts each bin at -FLT_MAX and keeps a value only if it is
-# greater, so it skips NaN (spp_triton propagates it) and returns -FLT_MAX with argmax -1 for a
-# bin whose every number is <= -FLT_MAX (spp_triton: the true maximum, e.g. -inf, at its first
-# position). A RoI whose window (the union of its bins over all levels) holds a NaN, an infinity
-# or a value of magnitude >= FLT_MAX is pooled again by ``_exact_max``.
-#
-# The test reduces a window over channels, then over pixels, and flags it unless the result is
-# below a bound:
-# * sum, float32 (values only): a NaN or -inf makes the sum NaN or infinite. A bin of numbers
-#   all <= -FLT_MAX that are not -inf is all -FLT_MAX in float32, which torchvision's value
-#   already equals.
-# * sum of squares (with argmax, and float64): flags any |v| >= FLT_MAX, squares cannot cancel.
-#   In float32 the square overflows to inf; in float64 the bound is FLT_MAX**2.
-# Overflowing finite sums are flagged too; that only costs a second, exact pooling of the RoI.
+# Where torchvision's roi_pool departs from spp_triton's rule, and how those RoIs are found.
+# torchvision starts each bin at -FLT_MAX and keeps a value only if it is greater, so
+# * it skips NaN (spp_triton propagates it): invisible in its output, so a guard reads the RoIs'
+#   windows (the union of their bins over all levels), summed over channels: a NaN makes the sum
+#   NaN. +-inf and overflowing sums are flagged too, which only costs an exact re-pooling;
+# * a bin whose every number is <= -FLT_MAX (a plane of -inf, float64 values below -FLT_MAX)
+#   comes out as -FLT_MAX with argmax -1 (spp_triton: the true maximum at its first position):
+#   visible in the output, whose values never go below -FLT_MAX.
+# The RoIs found either way are pooled again by ``_exact_max``.
 _FLT_MAX = torch.finfo(torch.float32).max
 # rough CPU costs (ns) that pick between a whole-map reduction and one per RoI window
 _NS_PER_MAP_ELEMENT = 0.15
@@ -152,34 +146,33 @@ def _windows(q: _Quantised, levels: Levels, height: int, width: int, bin_dtype):
     return r0, r1, c0, c1
 
 
-def _special_rois(
-    x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype, squares: bool
-) -> torch.Tensor | None:
-    """Indices of the RoIs whose windows hold a value the guard flags (see above), or ``None``.
+def _nan_rois(x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype) -> torch.Tensor | None:
+    """Indices of the RoIs whose windows may hold a NaN (see above), or ``None``.
 
-    Few RoIs with small windows: each window is reduced on its own (most of a large FPN map is
-    read by no RoI). Otherwise the whole map is reduced over channels once, and a summed-area
-    table of the flagged pixels says which windows hold one."""
+    Few RoIs with small windows: each window is summed on its own (most of a large FPN map is
+    read by no RoI). Otherwise the whole map is summed once; only if that is not finite, a
+    summed-area table of the pixels whose channel sums are not finite says which windows hold
+    one."""
     n_img, c, height, width = x.shape
-    bound = math.inf if x.dtype != torch.float64 or not squares else _FLT_MAX**2
     r0, r1, c0, c1 = _windows(q, levels, height, width, bin_dtype)
     area = int(((r1 - r0).clamp(min=0) * (c1 - c0).clamp(min=0)).sum())
     k = r0.shape[0]
     window_cost = _NS_PER_WINDOW * k + _NS_PER_WINDOW_ELEMENT * c * area
     if window_cost < _NS_PER_MAP_ELEMENT * x.numel():
-        extremes = [
-            _channel_reduce(x[i, :, a:b, cc:d], 0, squares).amax()
+        sums = [
+            x[i, :, a:b, cc:d].sum(0).sum()
             for i, a, b, cc, d in zip(*(t.tolist() for t in (q.batch, r0, r1, c0, c1)), strict=True)
             if a < b and cc < d
         ]
-        if not extremes:
+        if not sums:
             return None
-        reads = ((r1 > r0) & (c1 > c0)).nonzero().squeeze(1)
-        flagged = ~(torch.stack(extremes) < bound)
-        return reads[flagged] if bool(flagged.any()) else None
-    flagged = ~(_channel_reduce(x, 1, squares) < bound)  # [N, H, W]
-    if not bool(flagged.any()):
+        flagged = ~torch.stack(sums).isfinite()
+        if not bool(flagged.any()):
+            return None
+        return ((r1 > r0) & (c1 > c0)).nonzero().squeeze(1)[flagged]
+    if bool(x.sum().isfinite()):  # one pass; only when it fails, find where
         return None
+    flagged = ~x.sum(1).isfinite()  # [N, H, W]
     table = F.pad(flagged.to(torch.int64).cumsum(1).cumsum(2), (1, 0, 1, 0))
     b = q.batch
     r0, c0 = r0.clamp(max=height), c0.clamp(max=width)
@@ -189,9 +182,13 @@ def _special_rois(
     return hits if hits.numel() else None
 
 
-def _channel_reduce(v: torch.Tensor, dim: int, squares: bool) -> torch.Tensor:
-    """Sum over channels of ``v`` (or of its squares), as magnitudes: NaN stays NaN."""
-    return v.square().sum(dim) if squares else v.sum(dim).abs()
+def _floor_rois(results) -> torch.Tensor | None:
+    """Indices of the RoIs with a bin at torchvision's floor, -FLT_MAX (see above), or ``None``."""
+    lowest = torch.stack([v.amin() for v, _ in results]).amin()
+    if bool(lowest > -_FLT_MAX):
+        return None
+    at_floor = torch.stack([v.flatten(1).amin(1) <= -_FLT_MAX for v, _ in results]).any(0)
+    return at_floor.nonzero().squeeze(1)
 
 
 # RoIs per chunk of the exact path keep its gathered values below about this many elements.
@@ -252,7 +249,7 @@ def _repair(results, exact, rows: torch.Tensor) -> list:
 def _roi_max(
     x: torch.Tensor,
     regions: torch.Tensor,
-    scales: torch.Tensor,
+    scale: float,
     levels: Levels,
     bin_dtype: torch.dtype,
     with_argmax: bool,
@@ -261,19 +258,22 @@ def _roi_max(
     float64). Returns ``(values [K, C*P], argmax [K, C*P] or None)``, levels concatenated."""
     x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
     k, c = regions.shape[0], x.shape[1]
-    # Allocated before the temporaries: reuses memory freed last call.
+    q = _quantise(regions, scale, bin_dtype, x32.dtype)
+    nan_rows = _nan_rois(x32, q, levels, bin_dtype)
+    results = _roi_max_levels(x32, q, levels, bin_dtype, with_argmax)
+    found = [r for r in (nan_rows, _floor_rois(results)) if r is not None]
+    if found:
+        special = torch.cat(found).unique()
+        sub = _Quantised(*(t[special] for t in q))
+        results = _repair(results, _exact_max(x32, sub, levels, bin_dtype), special)
+    if len(results) == 1:  # one level: torchvision's tensors are the output
+        v, a = results[0]
+        return v.reshape(k, -1).to(x.dtype), a.reshape(k, -1) if a is not None else None
+    # One output, each level copied into its block (no concatenation of temporaries; the dtype
+    # conversion to the input's happens in the same copy).
     width = c * bins.pyramid_width(levels)
     out = torch.empty(k, width, dtype=x.dtype, device=x.device)
     argmax = torch.empty(k, width, dtype=torch.int32, device=x.device) if with_argmax else None
-    q = _quantise(regions, scales, bin_dtype, x32.dtype)
-    squares = with_argmax or x32.dtype == torch.float64
-    special = _special_rois(x32, q, levels, bin_dtype, squares)
-    results = _roi_max_levels(x32, q, levels, bin_dtype, with_argmax)
-    if special is not None:
-        sub = _Quantised(*(t[special] for t in q))
-        results = _repair(results, _exact_max(x32, sub, levels, bin_dtype), special)
-    # One output, each level copied into its block (no concatenation of temporaries; the dtype
-    # conversions, values to the input's and argmax to int32, happen in the same copy).
     for (v, a), offset in zip(results, bins.level_offsets(levels, c), strict=True):
         block = slice(offset, offset + v[0].numel())
         out[:, block].view_as(v).copy_(v)
@@ -508,20 +508,18 @@ def _avg_backward_single(grad_levels, shape, regions, scales, levels, partition,
 
 
 # ----------------------------------------------------------------------------- entry points
-def _per_feature(features, feature_index):
-    """Yield (f, x, row selector) for the maps that some region reads (``feature_index`` is
-    ``None`` or ignored for one map)."""
-    if len(features) == 1:
-        yield 0, features[0], None
-        return
-    for f, x in enumerate(features):
-        sel = feature_index == f
-        if bool(sel.any()):
-            yield f, x, sel
-
-
-def _scales_for(spatial_scales, f, count, device, bin_dtype):
-    return torch.full((count,), float(spatial_scales[f]), dtype=bin_dtype, device=device)
+def _map_rows(num_maps: int, feature_index: torch.Tensor | None):
+    """``[(f, rows)]`` for the maps that some region reads: ``rows`` (int64) are the regions on
+    map ``f``, ``None`` meaning all of them (one map: ``feature_index`` is ``None`` or ignored).
+    One sort and one host read, not a mask and a ``nonzero`` per map; an index outside
+    ``[0, num_maps)`` selects no map."""
+    if num_maps == 1:
+        return [(0, None)]
+    keys, order = torch.sort(feature_index, stable=True)
+    bounds = torch.searchsorted(keys, torch.arange(num_maps + 1, device=keys.device)).tolist()
+    return [
+        (f, order[bounds[f] : bounds[f + 1]]) for f in range(num_maps) if bounds[f + 1] > bounds[f]
+    ]
 
 
 def pyramid_pool_forward(
@@ -541,34 +539,38 @@ def pyramid_pool_forward(
     width_p = c * bins.pyramid_width(levels)
     with_argmax = with_argmax and mode == "max"
     argmax = torch.empty(0, dtype=torch.int32, device=x_first.device)
-    if k == 0 or len(features) > 1:  # (one map: its result is returned as is, no fill)
-        out = x_first.new_zeros(k, width_p)
+    if k == 0:
+        if with_argmax:
+            argmax = torch.empty((0, width_p), dtype=torch.int32, device=x_first.device)
+        return x_first.new_zeros(k, width_p), argmax
+    maps = _map_rows(len(features), feature_index)
+    if maps[0][1] is not None:  # several maps: rows are scattered into one output
+        # every row is written unless some index is out of range (rows left at zero, argmax -1)
+        covered = sum(rows.numel() for _, rows in maps) == k
+        out = x_first.new_empty(k, width_p) if covered else x_first.new_zeros(k, width_p)
         if with_argmax:
             argmax = torch.full((k, width_p), -1, dtype=torch.int32, device=x_first.device)
-    if k == 0:
-        return out, argmax
+            if covered:
+                argmax = torch.empty_like(argmax)
     bin_dtype = bins.bin_dtype_for(x_first.dtype)
-    for f, x, sel in _per_feature(features, feature_index):
-        reg = regions if sel is None else regions[sel]
-        scales = (
-            _scales_for(spatial_scales, f, reg.shape[0], x.device, bin_dtype)
-            if partition == "roi"
-            else None
-        )
+    for f, rows in maps:
+        x = features[f]
+        reg = regions if rows is None else regions[rows]
+        scale = float(spatial_scales[f]) if partition == "roi" else None
         if mode == "avg":
-            val = torch.cat(_avg_single(x, reg, scales, levels, partition, bin_dtype), dim=1)
+            val = torch.cat(_avg_single(x, reg, scale, levels, partition, bin_dtype), dim=1)
             arg = None
         elif partition == "roi":
-            val, arg = _roi_max(x, reg, scales, levels, bin_dtype, with_argmax)
+            val, arg = _roi_max(x, reg, scale, levels, bin_dtype, with_argmax)
         else:
             pairs = _adaptive_max(x, reg, levels, with_argmax)
             val = torch.cat([p[0] for p in pairs], dim=1)
             arg = torch.cat([p[1] for p in pairs], dim=1) if with_argmax else None
-        if sel is None:  # one map: no zero-fill and copy
+        if rows is None:  # one map: its result is the output
             return val, (argmax if arg is None else arg)
-        out[sel] = val
+        out.index_copy_(0, rows, val)
         if arg is not None:
-            argmax[sel] = arg
+            argmax.index_copy_(0, rows, arg)
     return out, argmax
 
 
@@ -643,26 +645,23 @@ def pyramid_pool_backward(
     c = features[0].shape[1]
     sizes = [c * bh * bw for bh, bw in levels]
     bin_dtype = bins.bin_dtype_for(features[0].dtype)
+    reads = dict(_map_rows(len(features), feature_index))
     for f, x in enumerate(features):
-        sel = None if len(features) == 1 else feature_index == f
-        g = grad_out if sel is None else grad_out[sel]
-        reg = regions if sel is None else regions[sel]
-        n_img, _, height, width = x.shape
-        acc_dtype = bins.bin_dtype_for(x.dtype)
-        if reg.shape[0] == 0:
+        if f not in reads or regions.shape[0] == 0:  # no region reads this map
             grads.append(torch.zeros_like(x, memory_format=torch.contiguous_format))
             continue
+        rows = reads[f]
+        g = grad_out if rows is None else grad_out[rows]
+        reg = regions if rows is None else regions[rows]
+        n_img, _, height, width = x.shape
+        acc_dtype = bins.bin_dtype_for(x.dtype)
         if mode == "avg":
-            scales = (
-                _scales_for(spatial_scales, f, reg.shape[0], x.device, bin_dtype)
-                if partition == "roi"
-                else None
-            )
+            scale = float(spatial_scales[f]) if partition == "roi" else None
             grad = _avg_backward_single(
-                list(g.split(sizes, dim=1)), x.shape, reg, scales, levels, partition, bin_dtype
+                list(g.split(sizes, dim=1)), x.shape, reg, scale, levels, partition, bin_dtype
             )
         else:
-            a = argmax if sel is None else argmax[sel]
+            a = argmax if rows is None else argmax[rows]
             max_backward = _max_backward_cpu if x.device.type == "cpu" else _max_backward_scatter
             grad = max_backward(g.to(acc_dtype), a, _batch_index(reg), x.shape, levels)
         grads.append(grad.to(x.dtype))
