@@ -11,8 +11,9 @@ How it is fast without a loop per RoI:
 * **max, RoI partition**: one call of torchvision's C++ ``roi_pool`` at each *root* level (a level
   that divides no other requested level); every other level is derived from a finer one whose bins
   nest in it (coarse bin = union of fine bins), so the RoI windows are read once per root level
-  instead of once per level. Nesting of torchvision's float partition is checked per RoI, and the
-  rare RoIs where it fails (e.g. 14 bins over some extents) are pooled directly. Boxes are handed to
+  instead of once per level; with an argmax too (a coarse bin's argmax is the smallest among its
+  fine bins holding the maximum). Nesting of torchvision's float partition is checked per RoI,
+  and the rare RoIs where it fails (e.g. 14 bins over some extents) are pooled directly. Boxes are handed to
   torchvision already quantised (``spp_triton.bins``) with scale 1, so the partition is ours.
   The RoIs are quantised once per call and map. torchvision skips NaN and never returns less
   than -FLT_MAX; a guard (one reduction over the RoIs' windows, or over the whole map when the
@@ -292,8 +293,8 @@ def _roi_max_levels(
     """Max over the RoI partition on one float32/float64 map: per level ``(values [K, C, bh, bw],
     int32 argmax of the same shape or None)``.
 
-    With ``with_argmax`` (a gradient will be needed) every level is one torchvision call, whose
-    argmax comes for free. Without, coarse nested levels are derived from finer ones.
+    Coarse nested levels are derived from finer ones: without ``with_argmax`` here, with it (a
+    gradient will be needed) in ``_roi_max_levels_with_argmax``.
 
     Empty bins: torchvision gives 0 for a bin clipped away, which must not win when bins are
     merged into a coarse bin whose other values are negative. Only RoIs reaching past the map
@@ -306,7 +307,9 @@ def _roi_max_levels(
     x0, y0, roi_w, roi_h, qrois = q.x0, q.y0, q.width, q.height, q.qrois
     plan = _root_plan(levels)
     derives = any(src is not None and levels[src] != levels[i] for i, src in enumerate(plan))
-    if with_argmax or not derives:  # every level pooled directly: no geometry needed
+    if with_argmax and derives:
+        return _roi_max_levels_with_argmax(x32, q, levels, bin_dtype, plan)
+    if not derives:  # every level pooled directly: no geometry needed
         pooled: dict[tuple[int, int], tuple] = {}
         for bh, bw in levels:
             if (bh, bw) not in pooled:
@@ -352,18 +355,8 @@ def _roi_max_levels(
             neg[i] = _derive_max(neg[src], bh, bw)
         # torchvision's float partition nests for the usual level sets but not always (e.g. 14
         # bins over some extents): re-pool directly the RoIs where the union differs.
-        fh, fw = levels[src]
-        f_rlo, f_rhi, f_clo, f_chi, _ = geometry[(fh, fw)]
-        rlo, rhi, clo, chi, _ = geometry[(bh, bw)]
-        r_h, r_w = fh // bh, fw // bw
-        nests = (
-            (rlo == f_rlo[:, ::r_h]).all(1)
-            & (rhi == f_rhi[:, r_h - 1 :: r_h]).all(1)
-            & (clo == f_clo[:, ::r_w]).all(1)
-            & (chi == f_chi[:, r_w - 1 :: r_w]).all(1)
-        )
-        if not bool(nests.all()):
-            bad = (~nests).nonzero().squeeze(1)
+        bad = _nesting_fails({lv: g[:4] for lv, g in geometry.items()}, levels[src], (bh, bw))
+        if bad.numel():
             direct = _torchvision_max_values(x32, qrois[bad], bh, bw)
             vals[i][bad] = direct
             pos = special_pos[bad]
@@ -379,6 +372,95 @@ def _roi_max_levels(
                 empty = geometry[levels[i]][4]
                 vals[i][special_rows] = _set_empty_bins(neg[i], empty[special_rows], 0.0)
     return [(v, None) for v in vals]
+
+
+def _nesting_fails(geometry, fine, coarse) -> torch.Tensor:
+    """RoIs whose ``coarse`` bins are not unions of their ``fine`` bins under torchvision's float
+    partition (``geometry``: per level the clipped edges), as indices."""
+    (fh, fw), (bh, bw) = fine, coarse
+    f_rlo, f_rhi, f_clo, f_chi = geometry[fine]
+    rlo, rhi, clo, chi = geometry[coarse]
+    r_h, r_w = fh // bh, fw // bw
+    nests = (
+        (rlo == f_rlo[:, ::r_h]).all(1)
+        & (rhi == f_rhi[:, r_h - 1 :: r_h]).all(1)
+        & (clo == f_clo[:, ::r_w]).all(1)
+        & (chi == f_chi[:, r_w - 1 :: r_w]).all(1)
+    )
+    return (~nests).nonzero().squeeze(1)
+
+
+def _group_min(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """``v.amin(dim)`` as a chain of elementwise minima (see ``_group_max``)."""
+    parts = v.unbind(dim)
+    out = parts[0]
+    for p in parts[1:]:
+        out = torch.minimum(out, p)
+    return out if len(parts) > 1 else out.clone()
+
+
+def _derive_max_with_argmax(fine_val, fine_arg, bh: int, bw: int):
+    """Coarse ``(bh, bw)`` maxima and argmax from fine bins grouped ``rh x rw``. ``fine_val``
+    holds -inf in empty fine bins, so they cannot win; the coarse argmax is the smallest flat
+    index among the fine bins holding the maximum, which is the coarse bin's first maximal element
+    in row-major order."""
+    k, c, fh, fw = fine_val.shape
+    rh, rw = fh // bh, fw // bw
+    top = _derive_max(fine_val, bh, bw)  # [k, c, bh, bw]
+    hit = fine_val.view(k, c, bh, rh, bw, rw) == top[:, :, :, None, :, None]
+    first = torch.where(hit, fine_arg.view(k, c, bh, rh, bw, rw), torch.iinfo(torch.int32).max)
+    return top, _group_min(_group_min(first, 3), -1)
+
+
+def _roi_max_levels_with_argmax(x32, q: _Quantised, levels: Levels, bin_dtype, plan):
+    """``_roi_max_levels`` with argmax: root levels pooled by torchvision (values and argmax),
+    the others derived (``_derive_max_with_argmax``); RoIs whose bins do not nest are pooled
+    directly at that level."""
+    height, width = x32.shape[2:]
+    geometry: dict[tuple[int, int], tuple] = {}
+    for bh, bw in levels:
+        if (bh, bw) not in geometry:
+            geometry[(bh, bw)] = (
+                *bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype),
+                *bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype),
+            )
+
+    def empty(level):  # [k, bh, bw]: bins clipped away (only RoIs reaching past the map)
+        rlo, rhi, clo, chi = geometry[level]
+        return (rhi <= rlo)[:, :, None] | (chi <= clo)[:, None, :]
+
+    results: list = [None] * len(levels)
+    # per source level: its values with -inf in empty bins (they must not win a derived bin),
+    # the same tensor when it has none
+    sources: dict[int, torch.Tensor] = {}
+    for i in sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1]):
+        bh, bw = levels[i]
+        src = plan[i]
+        if src is None:
+            results[i] = _torchvision_max(x32, q.qrois, bh, bw)
+        elif levels[src] == (bh, bw):
+            results[i] = results[src]
+        else:
+            if src not in sources:
+                fine_empty = empty(levels[src])
+                fine_val = results[src][0]
+                sources[src] = (
+                    fine_val.masked_fill(fine_empty[:, None], -math.inf)
+                    if bool(fine_empty.any())
+                    else fine_val
+                )
+            val, arg = _derive_max_with_argmax(sources[src], results[src][1], bh, bw)
+            coarse_empty = empty((bh, bw))
+            if bool(coarse_empty.any()):  # every fine bin empty: 0 and -1, as torchvision
+                val = val.masked_fill(coarse_empty[:, None], 0.0)
+                arg = arg.masked_fill(coarse_empty[:, None], -1)
+            bad = _nesting_fails(geometry, levels[src], (bh, bw))
+            if bad.numel():
+                direct_val, direct_arg = _torchvision_max(x32, q.qrois[bad], bh, bw)
+                val[bad] = direct_val
+                arg[bad] = direct_arg
+            results[i] = (val, arg)
+    return results
 
 
 # ----------------------------------------------------------------------------- max, adaptive

@@ -66,13 +66,29 @@ def test_roi_max_equals_torchvision(gen, levels, with_argmax):
         assert arg.numel() == 0
 
 
-def test_non_nesting_levels_fall_back_to_direct_pooling(gen):
+@pytest.mark.parametrize("with_argmax", [True, False])
+def test_non_nesting_levels_fall_back_to_direct_pooling(gen, with_argmax):
     """14 bins do not always nest in 7 under torchvision's float partition."""
     x = torch.randn(1, 2, 40, 40, generator=gen)
     rois = torch.tensor([[0, 0.0, 0.0, float(e), float(e)] for e in range(5, 40)])
     levels = ((7, 7), (14, 14))
-    out, _ = _forward(x, rois, levels, 1.0, with_argmax=False)
-    assert torch.equal(out, _tv(x, rois, levels, 1.0)[0])
+    out, arg = _forward(x, rois, levels, 1.0, with_argmax=with_argmax)
+    ref, ref_arg = _tv(x, rois, levels, 1.0)
+    assert torch.equal(out, ref)
+    if with_argmax:
+        assert torch.equal(arg, ref_arg)
+
+
+def test_derived_argmax_takes_the_first_of_tied_fine_bins(gen):
+    """Ties across the fine bins of a coarse bin (small integers), RoIs past the map (empty fine
+    bins, which must not win over negative values): the derived argmax is torchvision's."""
+    x = -torch.randint(0, 3, (2, 3, 12, 12), generator=gen).float()
+    rois = _rois(gen, 80, 2, 12, 12, 1.0)
+    levels = bins.normalize_levels((1, 2, 3, 6, (4, 2)))
+    out, arg = _forward(x, rois, levels, 1.0)
+    ref, ref_arg = _tv(x, rois, levels, 1.0)
+    assert torch.equal(out, ref) and torch.equal(arg, ref_arg)
+    assert (ref_arg < 0).any()  # some bins were empty
 
 
 def test_root_plan_derives_from_the_coarsest_finer_level():
