@@ -11,10 +11,11 @@ How it is fast without a loop per RoI:
 * **max, RoI partition**: one call of torchvision's C++ ``roi_pool`` at each *root* level (a level
   that divides no other requested level); every other level is derived from a finer one whose bins
   nest in it (coarse bin = union of fine bins), so the RoI windows are read once per root level
-  instead of once per level; with an argmax too (a coarse bin's argmax is the smallest among its
-  fine bins holding the maximum). Nesting of torchvision's float partition is checked per RoI,
-  and the rare RoIs where it fails (e.g. 14 bins over some extents) are pooled directly. Boxes are handed to
-  torchvision already quantised (``spp_triton.bins``) with scale 1, so the partition is ours.
+  instead of once per level; with an argmax too, from levels of at most 16 bins (a coarse bin's
+  argmax is the smallest among its fine bins holding the maximum). Nesting of torchvision's float
+  partition is checked per RoI, and the rare RoIs where it fails (e.g. 14 bins over some extents)
+  are pooled directly. Boxes are handed to torchvision already quantised (``spp_triton.bins``)
+  with scale 1, so the partition is ours.
   The RoIs are quantised once per call and map. torchvision skips NaN and never returns less
   than -FLT_MAX; a guard (one reduction over the RoIs' windows, or over the whole map when the
   windows cover much of it) finds the RoIs that read a NaN, an infinity or a huge value, and only
@@ -48,11 +49,11 @@ def _batch_index(regions: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- max, RoI partition
-def _root_plan(levels: Levels) -> list[int | None]:
+def _root_plan(levels: Levels, max_fine_bins: int | None = None) -> list[int | None]:
     """For each level, the index of a finer level it is derived from (``None``: pool it directly).
 
     A level derives from the coarsest finer level whose bin counts it divides on both axes (the
-    fewest values to reduce).
+    fewest values to reduce), and that has at most ``max_fine_bins`` bins if given.
     """
     order = sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1])
     plan: list[int | None] = [None] * len(levels)
@@ -60,6 +61,8 @@ def _root_plan(levels: Levels) -> list[int | None]:
         bh, bw = levels[i]
         for j in reversed(order[:pos]):
             fh, fw = levels[j]
+            if max_fine_bins is not None and fh * fw > max_fine_bins and levels[j] != (bh, bw):
+                continue
             if fh % bh == 0 and fw % bw == 0:
                 plan[i] = j
                 break
@@ -306,9 +309,13 @@ def _roi_max_levels(
     k = q.x0.shape[0]
     x0, y0, roi_w, roi_h, qrois = q.x0, q.y0, q.width, q.height, q.qrois
     plan = _root_plan(levels)
-    derives = any(src is not None and levels[src] != levels[i] for i, src in enumerate(plan))
-    if with_argmax and derives:
-        return _roi_max_levels_with_argmax(x32, q, levels, bin_dtype, plan)
+    if with_argmax:
+        plan = _root_plan(levels, _MAX_FINE_BINS_WITH_ARGMAX)
+        if any(src is not None and levels[src] != levels[i] for i, src in enumerate(plan)):
+            return _roi_max_levels_with_argmax(x32, q, levels, bin_dtype, plan)
+    derives = not with_argmax and any(
+        src is not None and levels[src] != levels[i] for i, src in enumerate(plan)
+    )
     if not derives:  # every level pooled directly: no geometry needed
         pooled: dict[tuple[int, int], tuple] = {}
         for bh, bw in levels:
@@ -397,6 +404,13 @@ def _group_min(v: torch.Tensor, dim: int) -> torch.Tensor:
     for p in parts[1:]:
         out = torch.minimum(out, p)
     return out if len(parts) > 1 else out.clone()
+
+
+# With an argmax, deriving costs several elementwise passes over the fine level's [K, C, fh, fw]
+# tensor (about 10 ns per element on our 2-core VM, about what torchvision's roi_pool spends per
+# bin and channel): derived only from levels of at most this many bins, e.g. {1,2,4}: 2 from 4,
+# 1 from 2; {1,2,3,6}: 1 from 2, the rest pooled directly.
+_MAX_FINE_BINS_WITH_ARGMAX = 16
 
 
 def _derive_max_with_argmax(fine_val, fine_arg, bh: int, bw: int):

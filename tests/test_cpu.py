@@ -95,6 +95,10 @@ def test_root_plan_derives_from_the_coarsest_finer_level():
     assert cpu._root_plan(((1, 1), (2, 2), (4, 4))) == [1, 2, None]
     assert cpu._root_plan(((1, 1), (2, 2), (3, 3), (6, 6))) == [1, 3, 3, None]
     assert cpu._root_plan(((5, 3), (2, 2))) == [None, None]
+    # with an argmax, only from levels of at most 16 bins; a repeated level is still shared
+    assert cpu._root_plan(((1, 1), (2, 2), (3, 3), (6, 6)), 16) == [1, None, None, None]
+    assert cpu._root_plan(((1, 1), (2, 2), (4, 4)), 16) == [1, 2, None]
+    assert cpu._root_plan(((6, 6), (6, 6), (3, 3)), 16) == [None, 0, None]
 
 
 # ----------------------------------------------------------------------------- NaN rule
