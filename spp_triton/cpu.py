@@ -195,45 +195,56 @@ def _floor_rois(results) -> torch.Tensor | None:
     return at_floor.nonzero().squeeze(1)
 
 
-# RoIs per chunk of the exact path keep its gathered values below about this many elements.
-_EXACT_CHUNK_ELEMENTS = 1 << 24
+# The exact path gathers at most about this many elements at a time.
+_EXACT_CHUNK_ELEMENTS = 1 << 22
 
 
 def _exact_max(x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype):
     """spp_triton's max rule read directly, for the few RoIs the guard flags: per level
     ``(values [k, C, bh, bw], int32 argmax)``. Each bin's elements are gathered (rows and columns
-    padded to the largest bin by repeating the bin's last one, which changes neither its maximum
-    nor its first maximal position), reduced with ``amax`` (which propagates NaN), and the argmax
-    is the smallest flat index among the NaNs, if any, else among the maximal elements."""
+    padded to the largest bin of the chunk by repeating the bin's last one, which changes neither
+    its maximum nor its first maximal position), reduced with ``amax`` (which propagates NaN), and
+    the argmax is the smallest flat index among the NaNs, if any, else among the maximal elements.
+    RoIs go in chunks of similar bin size, channels in chunks too when one RoI is large."""
     n_img, c, height, width = x.shape
     maps = x.reshape(n_img, c, height * width)
+    k = q.x0.shape[0]
     out = []
     for bh, bw in levels:
         rlo, rhi = bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype)
         clo, chi = bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype)
-        pad_h = max(1, int((rhi - rlo).max()))
-        pad_w = max(1, int((chi - clo).max()))
-        step_h = torch.arange(pad_h, device=x.device)
-        step_w = torch.arange(pad_w, device=x.device)
-        rows = torch.minimum(rlo[:, :, None] + step_h, rhi[:, :, None] - 1).clamp(0, height - 1)
-        cols = torch.minimum(clo[:, :, None] + step_w, chi[:, :, None] - 1).clamp(0, width - 1)
-        # [k, bh, bw, P] flat positions of each bin's (padded) elements, P = pad_h * pad_w
-        flat = (rows[:, :, None, :, None] * width + cols[:, None, :, None, :]).flatten(-2)
-        empty = (rhi <= rlo)[:, :, None] | (chi <= clo)[:, None, :]
-        step = max(1, _EXACT_CHUNK_ELEMENTS // (c * bh * bw * pad_h * pad_w))
-        vals, args = [], []
-        for s in range(0, flat.shape[0], step):
-            pos = flat[s : s + step]
-            v = maps[q.batch[s : s + step].view(-1, 1, 1, 1), :, pos]  # [k, bh, bw, P, C]
-            m = v.amax(3)
-            has_nan = m.isnan()
-            hit = torch.where(has_nan[:, :, :, None], v.isnan(), v == m[:, :, :, None])
-            first = torch.where(hit, pos[..., None], height * width).amin(3)  # [k, bh, bw, C]
-            vals.append(m.permute(0, 3, 1, 2))
-            args.append(first.permute(0, 3, 1, 2))
-        v = torch.cat(vals).masked_fill(empty[:, None], 0.0)
-        a = torch.cat(args).masked_fill(empty[:, None], -1).to(torch.int32)
-        out.append((v, a))
+        bin_h = (rhi - rlo).clamp(min=1).amax(1)
+        bin_w = (chi - clo).clamp(min=1).amax(1)
+        order = torch.argsort(bin_h * bin_w, descending=True)
+        val = x.new_empty(k, c, bh, bw)
+        arg = torch.empty(k, c, bh, bw, dtype=torch.int64, device=x.device)
+        start = 0
+        while start < k:
+            # RoIs sorted by bin size, largest first: the chunk's first RoI bounds the rest
+            per_channel = bh * bw * int(bin_h[order[start]]) * int(bin_w[order[start]])
+            count = max(1, _EXACT_CHUNK_ELEMENTS // (c * per_channel))
+            rois = order[start : start + count]
+            pad_h, pad_w = int(bin_h[rois].max()), int(bin_w[rois].max())
+            count = rois.numel()
+            rows = rlo[rois, :, None] + torch.arange(pad_h, device=x.device)
+            rows = torch.minimum(rows, rhi[rois, :, None] - 1).clamp(0, height - 1)
+            cols = clo[rois, :, None] + torch.arange(pad_w, device=x.device)
+            cols = torch.minimum(cols, chi[rois, :, None] - 1).clamp(0, width - 1)
+            # [n, bh, bw, P] flat positions of each bin's (padded) elements, P = pad_h * pad_w
+            pos = (rows[:, :, None, :, None] * width + cols[:, None, :, None, :]).flatten(-2)
+            batch = q.batch[rois].view(-1, 1, 1, 1)
+            channels = max(1, _EXACT_CHUNK_ELEMENTS // (count * bh * bw * pad_h * pad_w))
+            for c0 in range(0, c, channels):
+                v = maps[batch, c0 : c0 + channels, pos]  # [n, bh, bw, P, channels]
+                top = v.amax(3)
+                has_nan = top.isnan()[:, :, :, None]
+                hit = torch.where(has_nan, v.isnan(), v == top[:, :, :, None])
+                first = torch.where(hit, pos[..., None], height * width).amin(3)
+                val[rois, c0 : c0 + channels] = top.permute(0, 3, 1, 2)
+                arg[rois, c0 : c0 + channels] = first.permute(0, 3, 1, 2)
+            start += count
+        empty = ((rhi <= rlo)[:, :, None] | (chi <= clo)[:, None, :])[:, None]
+        out.append((val.masked_fill(empty, 0.0), arg.masked_fill(empty, -1).to(torch.int32)))
     return out
 
 

@@ -237,6 +237,20 @@ def test_values_torchvision_mishandles_follow_the_rule(gen, monkeypatch, guard, 
         assert torch.equal(arg, _rule_argmax(x, rois, levels, 1.0))
 
 
+@pytest.mark.parametrize("chunk", [1, 64, 1 << 22])
+def test_exact_path_chunks_give_the_same_result(gen, monkeypatch, chunk):
+    """The exact re-pooling in chunks of RoIs and of channels (chunk 1: one channel at a time)."""
+    x = _special_map(gen, torch.float32)
+    rois = _rois(gen, 9, 2, 9, 11, 1.0)
+    levels = ((1, 1), (2, 3), (6, 6))
+    full, full_arg = _forward(x, rois, levels, 1.0)
+    monkeypatch.setattr(cpu, "_EXACT_CHUNK_ELEMENTS", chunk)
+    out, arg = _forward(x, rois, levels, 1.0)
+    assert torch.equal(out.isnan(), full.isnan())
+    assert torch.equal(out.nan_to_num(0.0), full.nan_to_num(0.0)) and torch.equal(arg, full_arg)
+    assert torch.equal(arg, _rule_argmax(x, rois, levels, 1.0))
+
+
 def test_a_bin_of_minus_inf_is_minus_inf_and_gets_the_gradient():
     """Regression: this path gave torchvision's -FLT_MAX and no gradient."""
     import spp_triton
