@@ -1,6 +1,6 @@
 """Property-based fuzzing of the public API against the slow references (needs ``hypothesis``).
 
-Used by ``tests/test_fuzz.py`` (a quick profile inside ``make test``) and ``tools/fuzz.py``
+Used by ``tests/test_testing.py`` (a quick profile inside ``make test``) and ``tools/fuzz.py``
 (``make fuzz``: 10,000+ cases). One case draws a random problem — N, C, H, W (1x1 maps and maps
 smaller than the levels included), level set, mode, dtype, scale, memory layout, and boxes that are
 ordinary, degenerate, inverted, partly or wholly outside the image, huge, or spread over every image
