@@ -54,6 +54,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread: the test machine's 2 cores are shared, and OpenMP's 2-thread barriers
+    under contention are many times slower than one thread (timings and determinism checks also
+    depend on it). Modules use it with ``pytest.mark.usefixtures``, or through ``d2_helpers``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def triton_cpu(monkeypatch):
     """Route CPU tensors through the Triton kernels (in Triton's interpreter) for this test."""

@@ -6,6 +6,8 @@ test_configs.py): the shipped configs' paths, small yacs configs, random images,
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -39,13 +41,19 @@ def register_mini_val() -> str:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the test machine's 2 cores are shared, and OpenMP's 2-thread barriers
-    under contention are many times slower than one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(single_thread):
+    """Autouse in every module that imports it: conftest's ``single_thread``."""
     yield
-    torch.set_num_threads(n)
+
+
+def run_in_repo(cmd, timeout: int = 400) -> subprocess.CompletedProcess:
+    """``cmd`` from the checkout's root with one OpenMP thread and the checkout importable."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [str(c) for c in cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def make_cfg(config_file=None, opts=()):

@@ -24,12 +24,7 @@ def bk():
     return kernels
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_quick_sweep_in_process_writes_sane_outputs(bk, tmp_path):

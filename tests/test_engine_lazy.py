@@ -13,9 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +22,12 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from d2_helpers import MINI, one_thread, register_mini_val  # noqa: E402, F401  (one_thread: autouse)
+from d2_helpers import (  # noqa: E402
+    MINI,
+    one_thread,  # noqa: F401  (autouse)
+    register_mini_val,
+    run_in_repo,
+)
 from detectron2.config import LazyConfig, get_cfg, instantiate  # noqa: E402
 from detectron2.data import DatasetMapper  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
@@ -73,13 +76,6 @@ def _cli(*argv):
     from spp_triton.cli.train import invoke_main
 
     return invoke_main([str(a) for a in argv])
-
-
-def _subprocess_env():
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
 
 
 def _yacs_cfg():
@@ -299,14 +295,7 @@ def test_yacs_setup_points_lazy_configs_to_the_lazy_path():
 )
 def test_train_net_cli_errors_name_the_problem(tmp_path, argv, expected):
     argv = [str(a).format(tmp=tmp_path) for a in argv]
-    proc = subprocess.run(
-        [sys.executable, str(TRAIN_NET), *argv],
-        cwd=REPO,
-        env=_subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_in_repo([sys.executable, TRAIN_NET, *argv], timeout=300)
     assert proc.returncode != 0
     for text in expected:
         assert text.format(tmp=tmp_path) in proc.stderr, proc.stderr[-3000:]
@@ -512,9 +501,7 @@ def test_lazy_two_process_gloo_training_on_cpu(tmp_path):
         "train.max_iter=2",
         f"train.output_dir={out}",
     ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=400
-    )
+    proc = run_in_repo(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "World size: 2" in (out / "log.txt").read_text()
     assert (out / "log.txt.rank1").is_file()

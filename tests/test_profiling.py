@@ -36,12 +36,7 @@ def _flop_formulas():
     profiling.register_flop_formulas()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _boxes(gen, k, n_img, img_h, img_w):

@@ -9,9 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +18,11 @@ import torch
 
 pytest.importorskip("detectron2")
 
-from d2_helpers import one_thread, tiny_model_opts  # noqa: E402, F401  (one_thread: autouse)
+from d2_helpers import (  # noqa: E402
+    one_thread,  # noqa: F401  (autouse)
+    run_in_repo,
+    tiny_model_opts,
+)
 from detectron2.engine import default_argument_parser  # noqa: E402
 
 from spp_triton.engine import Trainer, setup  # noqa: E402
@@ -71,13 +73,6 @@ def _train_net():
 
 def _parse(*argv):
     return default_argument_parser().parse_args([str(a) for a in argv])
-
-
-def _subprocess_env():
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    return env
 
 
 TRAIN2 = "spp_triton_test_shapes_train2"
@@ -280,9 +275,7 @@ def test_two_process_gloo_training_on_cpu(tmp_path, launcher):
         ]
     else:
         cmd = [sys.executable, str(TRAIN_NET), "--num-gpus", "2", "--dist-url", "auto", *train_args]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=400
-    )
+    proc = run_in_repo(cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log
@@ -294,13 +287,6 @@ def test_two_process_gloo_training_on_cpu(tmp_path, launcher):
 
 def test_cli_missing_config_file_names_the_path(tmp_path):
     missing = tmp_path / "nowhere" / "missing.yaml"
-    proc = subprocess.run(
-        [sys.executable, str(TRAIN_NET), "--config-file", str(missing)],
-        cwd=REPO,
-        env=_subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_in_repo([sys.executable, TRAIN_NET, "--config-file", str(missing)], timeout=300)
     assert proc.returncode != 0
     assert "FileNotFoundError" in proc.stderr and str(missing) in proc.stderr
