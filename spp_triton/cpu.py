@@ -104,7 +104,7 @@ def _set_empty_bins(val: torch.Tensor, empty: torch.Tensor, fill: float) -> torc
 
 
 class _Quantised(NamedTuple):
-    """RoIs quantised once (``bins.quantize_rois``) for every level, the NaN guard and the patch:
+    """RoIs quantised once (``bins.quantize_rois``) for every level, the guard and the exact path:
     integer ``(x0, y0, width, height)`` and the same corners as exact floats for torchvision's
     ``roi_pool`` with scale 1 (whose own rounding of an integer is the identity)."""
 
@@ -138,19 +138,39 @@ _NS_PER_WINDOW_ELEMENT = 0.5
 _NS_PER_WINDOW = 10_000.0
 
 
-def _windows(q: _Quantised, levels: Levels, height: int, width: int, bin_dtype):
+Geometry = dict  # (bh, bw) -> clipped (row_lo, row_hi, col_lo, col_hi), int64 [K, bh] / [K, bw]
+
+
+def _geometry(q: _Quantised, levels: Levels, height: int, width: int, bin_dtype) -> Geometry:
+    """Every level's bin edges for the quantised RoIs, computed once per call and map."""
+    geometry: Geometry = {}
+    for bh, bw in levels:
+        if (bh, bw) not in geometry:
+            geometry[(bh, bw)] = (
+                *bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype),
+                *bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype),
+            )
+    return geometry
+
+
+def _empty_bins(geometry: Geometry, level) -> torch.Tensor:
+    """``[K, bh, bw]``: the bins clipped away (only RoIs reaching past the map have any)."""
+    rlo, rhi, clo, chi = geometry[level]
+    return (rhi <= rlo)[:, :, None] | (chi <= clo)[:, None, :]
+
+
+def _windows(geometry: Geometry):
     """Per RoI, the clipped rows ``[r0, r1)`` and columns ``[c0, c1)`` its bins read (bins are
     ordered, so from the first bin's start to the last bin's end), each int64 ``[K]``."""
-    row_edges = [bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype) for bh, _ in levels]
-    col_edges = [bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype) for _, bw in levels]
-    r0 = torch.stack([lo[:, 0] for lo, _ in row_edges]).amin(0)
-    r1 = torch.stack([hi[:, -1] for _, hi in row_edges]).amax(0)
-    c0 = torch.stack([lo[:, 0] for lo, _ in col_edges]).amin(0)
-    c1 = torch.stack([hi[:, -1] for _, hi in col_edges]).amax(0)
+    edges = list(geometry.values())
+    r0 = torch.stack([rlo[:, 0] for rlo, _, _, _ in edges]).amin(0)
+    r1 = torch.stack([rhi[:, -1] for _, rhi, _, _ in edges]).amax(0)
+    c0 = torch.stack([clo[:, 0] for _, _, clo, _ in edges]).amin(0)
+    c1 = torch.stack([chi[:, -1] for _, _, _, chi in edges]).amax(0)
     return r0, r1, c0, c1
 
 
-def _nan_rois(x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype) -> torch.Tensor | None:
+def _nan_rois(x: torch.Tensor, q: _Quantised, geometry: Geometry) -> torch.Tensor | None:
     """Indices of the RoIs whose windows may hold a NaN (see above), or ``None``.
 
     Few RoIs with small windows: each window is summed on its own (most of a large FPN map is
@@ -158,7 +178,7 @@ def _nan_rois(x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype) -> torc
     summed-area table of the pixels whose channel sums are not finite says which windows hold
     one."""
     n_img, c, height, width = x.shape
-    r0, r1, c0, c1 = _windows(q, levels, height, width, bin_dtype)
+    r0, r1, c0, c1 = _windows(geometry)
     area = int(((r1 - r0).clamp(min=0) * (c1 - c0).clamp(min=0)).sum())
     k = r0.shape[0]
     window_cost = _NS_PER_WINDOW * k + _NS_PER_WINDOW_ELEMENT * c * area
@@ -199,20 +219,21 @@ def _floor_rois(results) -> torch.Tensor | None:
 _EXACT_CHUNK_ELEMENTS = 1 << 22
 
 
-def _exact_max(x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype):
+def _exact_max(x: torch.Tensor, q: _Quantised, levels: Levels, geometry: Geometry, which):
     """spp_triton's max rule read directly, for the few RoIs the guard flags: per level
     ``(values [k, C, bh, bw], int32 argmax)``. Each bin's elements are gathered (rows and columns
     padded to the largest bin of the chunk by repeating the bin's last one, which changes neither
     its maximum nor its first maximal position), reduced with ``amax`` (which propagates NaN), and
     the argmax is the smallest flat index among the NaNs, if any, else among the maximal elements.
-    RoIs go in chunks of similar bin size, channels in chunks too when one RoI is large."""
+    RoIs go in chunks of similar bin size, channels in chunks too when one RoI is large.
+    Only the RoIs ``which`` (indices into ``q`` and ``geometry``) are pooled."""
     n_img, c, height, width = x.shape
     maps = x.reshape(n_img, c, height * width)
-    k = q.x0.shape[0]
+    k = which.numel()
+    roi_batch = q.batch[which]
     out = []
     for bh, bw in levels:
-        rlo, rhi = bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype)
-        clo, chi = bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype)
+        rlo, rhi, clo, chi = (t[which] for t in geometry[(bh, bw)])
         bin_h = (rhi - rlo).clamp(min=1).amax(1)
         bin_w = (chi - clo).clamp(min=1).amax(1)
         order = torch.argsort(bin_h * bin_w, descending=True)
@@ -232,7 +253,7 @@ def _exact_max(x: torch.Tensor, q: _Quantised, levels: Levels, bin_dtype):
             cols = torch.minimum(cols, chi[rois, :, None] - 1).clamp(0, width - 1)
             # [n, bh, bw, P] flat positions of each bin's (padded) elements, P = pad_h * pad_w
             pos = (rows[:, :, None, :, None] * width + cols[:, None, :, None, :]).flatten(-2)
-            batch = q.batch[rois].view(-1, 1, 1, 1)
+            batch = roi_batch[rois].view(-1, 1, 1, 1)
             channels = max(1, _EXACT_CHUNK_ELEMENTS // (count * bh * bw * pad_h * pad_w))
             for c0 in range(0, c, channels):
                 v = maps[batch, c0 : c0 + channels, pos]  # [n, bh, bw, P, channels]
@@ -274,13 +295,13 @@ def _roi_max(
     x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
     k, c = regions.shape[0], x.shape[1]
     q = _quantise(regions, scale, bin_dtype, x32.dtype)
-    nan_rows = _nan_rois(x32, q, levels, bin_dtype)
-    results = _roi_max_levels(x32, q, levels, bin_dtype, with_argmax)
+    geometry = _geometry(q, levels, x.shape[2], x.shape[3], bin_dtype)
+    nan_rows = _nan_rois(x32, q, geometry)
+    results = _roi_max_levels(x32, q, levels, geometry, with_argmax)
     found = [r for r in (nan_rows, _floor_rois(results)) if r is not None]
     if found:
         special = torch.cat(found).unique()
-        sub = _Quantised(*(t[special] for t in q))
-        results = _repair(results, _exact_max(x32, sub, levels, bin_dtype), special)
+        results = _repair(results, _exact_max(x32, q, levels, geometry, special), special)
     if len(results) == 1:  # one level: torchvision's tensors are the output
         v, a = results[0]
         return v.reshape(k, -1).to(x.dtype), a.reshape(k, -1) if a is not None else None
@@ -301,7 +322,7 @@ def _roi_max_levels(
     x32: torch.Tensor,
     q: _Quantised,
     levels: Levels,
-    bin_dtype: torch.dtype,
+    geometry: Geometry,
     with_argmax: bool,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """Max over the RoI partition on one float32/float64 map: per level ``(values [K, C, bh, bw],
@@ -316,14 +337,12 @@ def _roi_max_levels(
     derivation is repeated on a copy whose empty bins hold -inf, and its result, with coarse
     bins that are empty set back to 0, replaces theirs. A genuine -inf in the input is kept.
     """
-    n_img, c, height, width = x32.shape
-    k = q.x0.shape[0]
-    x0, y0, roi_w, roi_h, qrois = q.x0, q.y0, q.width, q.height, q.qrois
+    k, qrois = q.x0.shape[0], q.qrois
     plan = _root_plan(levels)
     if with_argmax:
         plan = _root_plan(levels, _MAX_FINE_BINS_WITH_ARGMAX)
         if any(src is not None and levels[src] != levels[i] for i, src in enumerate(plan)):
-            return _roi_max_levels_with_argmax(x32, q, levels, bin_dtype, plan)
+            return _roi_max_levels_with_argmax(x32, q, levels, geometry, plan)
     derives = not with_argmax and any(
         src is not None and levels[src] != levels[i] for i, src in enumerate(plan)
     )
@@ -338,15 +357,9 @@ def _roi_max_levels(
                 )
         return [pooled[lv] for lv in levels]
 
-    geometry: dict[tuple[int, int], tuple] = {}
-    for bh, bw in levels:  # clipped (row_lo, row_hi, col_lo, col_hi) and emptiness [K, bh, bw]
-        if (bh, bw) not in geometry:
-            rlo, rhi = bins.roi_bin_edges(y0, roi_h, bh, height, bin_dtype)
-            clo, chi = bins.roi_bin_edges(x0, roi_w, bw, width, bin_dtype)
-            empty = (rhi <= rlo)[:, :, None] | (chi <= clo)[:, None, :]
-            geometry[(bh, bw)] = (rlo, rhi, clo, chi, empty)
+    empties = {level: _empty_bins(geometry, level) for level in geometry}
     special = torch.zeros(k, dtype=torch.bool, device=x32.device)
-    for *_, empty in geometry.values():
+    for empty in empties.values():
         special |= empty.flatten(1).any(1)
     special_rows = special.nonzero().squeeze(1)
     n_special = special_rows.numel()
@@ -359,7 +372,7 @@ def _roi_max_levels(
     for i in sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1]):
         bh, bw = levels[i]
         src = plan[i]
-        empty = geometry[(bh, bw)][4]
+        empty = empties[(bh, bw)]
         if src is None:
             vals[i] = _torchvision_max_values(x32, qrois, bh, bw)
             if n_special:
@@ -373,7 +386,7 @@ def _roi_max_levels(
             neg[i] = _derive_max(neg[src], bh, bw)
         # torchvision's float partition nests for the usual level sets but not always (e.g. 14
         # bins over some extents): re-pool directly the RoIs where the union differs.
-        bad = _nesting_fails({lv: g[:4] for lv, g in geometry.items()}, levels[src], (bh, bw))
+        bad = _nesting_fails(geometry, levels[src], (bh, bw))
         if bad.numel():
             direct = _torchvision_max_values(x32, qrois[bad], bh, bw)
             vals[i][bad] = direct
@@ -387,7 +400,7 @@ def _roi_max_levels(
         for i, src in enumerate(plan):
             if src is not None and id(vals[i]) not in done:
                 done.add(id(vals[i]))
-                empty = geometry[levels[i]][4]
+                empty = empties[levels[i]]
                 vals[i][special_rows] = _set_empty_bins(neg[i], empty[special_rows], 0.0)
     return [(v, None) for v in vals]
 
@@ -437,23 +450,10 @@ def _derive_max_with_argmax(fine_val, fine_arg, bh: int, bw: int):
     return top, _group_min(_group_min(first, 3), -1)
 
 
-def _roi_max_levels_with_argmax(x32, q: _Quantised, levels: Levels, bin_dtype, plan):
+def _roi_max_levels_with_argmax(x32, q: _Quantised, levels: Levels, geometry: Geometry, plan):
     """``_roi_max_levels`` with argmax: root levels pooled by torchvision (values and argmax),
     the others derived (``_derive_max_with_argmax``); RoIs whose bins do not nest are pooled
     directly at that level."""
-    height, width = x32.shape[2:]
-    geometry: dict[tuple[int, int], tuple] = {}
-    for bh, bw in levels:
-        if (bh, bw) not in geometry:
-            geometry[(bh, bw)] = (
-                *bins.roi_bin_edges(q.y0, q.height, bh, height, bin_dtype),
-                *bins.roi_bin_edges(q.x0, q.width, bw, width, bin_dtype),
-            )
-
-    def empty(level):  # [k, bh, bw]: bins clipped away (only RoIs reaching past the map)
-        rlo, rhi, clo, chi = geometry[level]
-        return (rhi <= rlo)[:, :, None] | (chi <= clo)[:, None, :]
-
     results: list = [None] * len(levels)
     # per source level: its values with -inf in empty bins (they must not win a derived bin),
     # the same tensor when it has none
@@ -467,7 +467,7 @@ def _roi_max_levels_with_argmax(x32, q: _Quantised, levels: Levels, bin_dtype, p
             results[i] = results[src]
         else:
             if src not in sources:
-                fine_empty = empty(levels[src])
+                fine_empty = _empty_bins(geometry, levels[src])
                 fine_val = results[src][0]
                 sources[src] = (
                     fine_val.masked_fill(fine_empty[:, None], -math.inf)
@@ -475,7 +475,7 @@ def _roi_max_levels_with_argmax(x32, q: _Quantised, levels: Levels, bin_dtype, p
                     else fine_val
                 )
             val, arg = _derive_max_with_argmax(sources[src], results[src][1], bh, bw)
-            coarse_empty = empty((bh, bw))
+            coarse_empty = _empty_bins(geometry, (bh, bw))
             if bool(coarse_empty.any()):  # every fine bin empty: 0 and -1, as torchvision
                 val = val.masked_fill(coarse_empty[:, None], 0.0)
                 arg = arg.masked_fill(coarse_empty[:, None], -1)
