@@ -8,18 +8,23 @@ two deterministic under ``torch.use_deterministic_algorithms(True)``).
 
 How it is fast without a loop per RoI:
 
-* **max, RoI partition**: one call of torchvision's C++ ``roi_pool`` at each *root* level (a level
-  that divides no other requested level); every other level is derived from a finer one whose bins
-  nest in it (coarse bin = union of fine bins), so the RoI windows are read once per root level
-  instead of once per level; with an argmax too, from levels of at most 16 bins (a coarse bin's
-  argmax is the smallest among its fine bins holding the maximum). Nesting of torchvision's float
-  partition is checked per RoI, and the rare RoIs where it fails (e.g. 14 bins over some extents)
-  are pooled directly. Boxes are handed to torchvision already quantised (``spp_triton.bins``)
-  with scale 1, so the partition is ours.
-  The RoIs are quantised once per call and map. torchvision skips NaN and never returns less
-  than -FLT_MAX; a guard (one reduction over the RoIs' windows, or over the whole map when the
-  windows cover much of it) finds the RoIs that read a NaN, an infinity or a huge value, and only
-  those are pooled again by a direct, exact gather (``_exact_max``).
+* **max, RoI partition, compiled** (the default for float32/float64 where a C compiler exists):
+  ``csrc/roi_max.c`` through ``spp_triton.native``. The host side quantises the RoIs and computes
+  every level's bin edges once (``bins.roi_bin_edges``); the kernel pools all levels, checks NaN
+  while it reads, and writes each map's RoIs straight into their rows of the output. No guard,
+  no derivation, no exact path: those below serve the path without a compiler.
+* **max, RoI partition, without the compiled kernel**: one call of torchvision's C++ ``roi_pool``
+  at each *root* level (a level that divides no other requested level); every other level is
+  derived from a finer one whose bins nest in it (coarse bin = union of fine bins), so the RoI
+  windows are read once per root level instead of once per level; with an argmax too, from levels
+  of at most 16 bins (a coarse bin's argmax is the smallest among its fine bins holding the
+  maximum). Nesting of torchvision's float partition is checked per RoI, and the rare RoIs where it
+  fails (e.g. 14 bins over some extents) are pooled directly. Boxes are handed to torchvision
+  already quantised (``spp_triton.bins``) with scale 1, so the partition is ours. The RoIs are
+  quantised once per call and map. torchvision skips NaN and never returns less than -FLT_MAX; a
+  guard (one reduction over the RoIs' windows, or over the whole map when the windows cover much of
+  it) finds the RoIs that read a NaN, an infinity or a huge value, and only those are pooled again
+  by a direct, exact gather (``_exact_max``).
 * **max, adaptive partition**: ``F.adaptive_max_pool2d`` on each distinct valid image size (its
   argmax moved to a bin's first NaN where it picked another).
 * **avg, both partitions**: a float64 summed-area table, four lookups per bin; the backward
@@ -39,7 +44,7 @@ import torch
 import torch.nn.functional as F
 import torchvision  # noqa: F401  (registers torch.ops.torchvision.roi_pool)
 
-from spp_triton import bins
+from spp_triton import bins, native
 
 Levels = bins.Levels
 
@@ -289,13 +294,23 @@ def _roi_max(
     levels: Levels,
     bin_dtype: torch.dtype,
     with_argmax: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    into=None,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Max over the RoI partition on one feature map (any float dtype; pooled in float32 or
-    float64). Returns ``(values [K, C*P], argmax [K, C*P] or None)``, levels concatenated."""
+    float64). Returns ``(values [K, C*P], argmax [K, C*P] or None)``, levels concatenated.
+
+    ``into=(out, argmax, rows)`` (see ``_roi_max_native``): the compiled kernel may write the
+    result into those rows directly and return ``None``; otherwise the result is returned."""
     x32 = x if x.dtype in (torch.float32, torch.float64) else x.float()
     k, c = regions.shape[0], x.shape[1]
     q = _quantise(regions, scale, bin_dtype, x32.dtype)
     geometry = _geometry(q, levels, x.shape[2], x.shape[3], bin_dtype)
+    kernel = native.roi_max_kernel(x32.dtype) if x32.device.type == "cpu" else None
+    if kernel is not None:
+        if into is not None and into[0].dtype == x32.dtype:
+            return _roi_max_native(kernel, x32, q.batch, levels, geometry, with_argmax, into)
+        out, argmax = _roi_max_native(kernel, x32, q.batch, levels, geometry, with_argmax)
+        return out.to(x.dtype), argmax
     nan_rows = _nan_rois(x32, q, geometry)
     results = _roi_max_levels(x32, q, levels, geometry, with_argmax)
     found = [r for r in (nan_rows, _floor_rois(results)) if r is not None]
@@ -316,6 +331,50 @@ def _roi_max(
         if argmax is not None:
             argmax[:, block].view_as(a).copy_(a)
     return out, argmax
+
+
+def _roi_max_native(kernel, x32, batch, levels: Levels, geometry: Geometry, with_argmax, into=None):
+    """``_roi_max`` by the compiled kernel (``spp_triton.native``): every level in one pass over
+    each window, NaN-aware, written straight into the output; no guard, no exact path.
+
+    ``into=(out, argmax, rows)``: write RoI ``i`` into row ``rows[i]`` of those (contiguous, of
+    ``x32``'s dtype; ``argmax`` int32 or None) instead of new tensors, and return ``None``."""
+    x32 = x32.contiguous()
+    n_img, c, height, width = x32.shape
+    k = batch.shape[0]
+    row_width = c * bins.pyramid_width(levels)
+    if into is None:
+        out = torch.empty(k, row_width, dtype=x32.dtype)
+        argmax = torch.empty(k, row_width, dtype=torch.int32) if with_argmax else None
+        rows = None
+    else:
+        out, argmax, rows = into
+        rows = rows.contiguous()
+    batch = batch.contiguous()
+    edges = {level: [t.contiguous() for t in geometry[level]] for level in geometry}
+    specs = (native.Level * len(levels))()
+    for spec, (bh, bw), offset in zip(specs, levels, bins.level_offsets(levels, c), strict=True):
+        row_lo, row_hi, col_lo, col_hi = (t.data_ptr() for t in edges[(bh, bw)])
+        spec.bins_h, spec.bins_w, spec.offset = bh, bw, offset
+        spec.row_lo, spec.row_hi, spec.col_lo, spec.col_hi = row_lo, row_hi, col_lo, col_hi
+    status = kernel(
+        x32.data_ptr(),
+        n_img,
+        c,
+        height,
+        width,
+        batch.data_ptr(),
+        k,
+        specs,
+        len(levels),
+        out.data_ptr(),
+        argmax.data_ptr() if argmax is not None else None,
+        row_width,
+        rows.data_ptr() if rows is not None else None,
+    )
+    if status != 0:  # the public functions check batch indices first
+        raise ValueError(f"regions: a batch index lies outside [0, {n_img - 1}]")
+    return (out, argmax) if into is None else None
 
 
 def _roi_max_levels(
@@ -668,7 +727,11 @@ def pyramid_pool_forward(
             val = torch.cat(_avg_single(x, reg, scale, levels, partition, bin_dtype), dim=1)
             arg = None
         elif partition == "roi":
-            val, arg = _roi_max(x, reg, scale, levels, bin_dtype, with_argmax)
+            into = None if rows is None else (out, argmax if with_argmax else None, rows)
+            result = _roi_max(x, reg, scale, levels, bin_dtype, with_argmax, into)
+            if result is None:  # written into its rows
+                continue
+            val, arg = result
         else:
             pairs = _adaptive_max(x, reg, levels, with_argmax)
             val = torch.cat([p[0] for p in pairs], dim=1)

@@ -6,6 +6,9 @@ fallback where torchvision's float partition does not nest), the -inf treatment 
 away, the guard and the exact re-pooling of RoIs that read NaN, infinities or values <= -FLT_MAX
 (torchvision skips NaN and never returns less than -FLT_MAX), one map without a
 ``feature_index``, the int32 argmax convention shared with the kernels, and the backward.
+
+Every test runs twice: with the compiled max kernel (``spp_triton.native``, the default where a C
+compiler exists) and with torchvision's ``roi_pool`` plus the guard (the path without one).
 """
 
 from __future__ import annotations
@@ -16,7 +19,17 @@ import pytest
 import torch
 import torchvision
 
-from spp_triton import bins, cpu, reference
+from spp_triton import bins, cpu, native, reference
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torchvision"])
+def roi_max_path(request, monkeypatch):
+    """The RoI max pooling path under test (see the module docstring)."""
+    if request.param == "torchvision":
+        monkeypatch.setattr(native, "roi_max_kernel", lambda dtype: None)
+    elif native.roi_max_kernel(torch.float32) is None:
+        pytest.skip("no compiled kernel on this machine (no C compiler)")
+    return request.param
 
 
 @pytest.fixture

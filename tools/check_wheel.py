@@ -14,8 +14,8 @@ Steps, each printed with its command; any failure exits non-zero:
    ``spp-triton-train --help``, ``spp-triton-bench --help``; spp_triton imported from the venv's
    site-packages; a shipped config found by name;
 4. a tiny training with ``spp-triton-train --config-file configs/Shapes/...`` (2 iterations), with
-   ``XDG_CACHE_HOME`` pointed at a fresh folder: the dataset cache must land there and nothing may
-   be written into site-packages.
+   ``XDG_CACHE_HOME`` pointed at a fresh folder: the dataset cache and (where a C compiler
+   exists) the compiled CPU kernel must land there, and nothing may be written into site-packages.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def build_wheel(dist: Path) -> Path:
         "spp_triton/configs/LazyConfigs/faster_rcnn_R_50_FPN_spp124.py",
         "spp_triton/configs/Shapes/weights/shapes_R18_w24_pretrained.pth",
         "spp_triton/cli/train.py",
+        "spp_triton/csrc/roi_max.c",
     ]
     missing = [n for n in needed if n not in names]
     if missing:
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
         cache = work / "cache" / "spp_triton" / "datasets"
         if not any(cache.glob("shapes_v1/train.json")):
             fail(f"the dataset cache is not under {cache}")
+        kernels = work / "cache" / "spp_triton" / "native"
+        if shutil.which("cc") and not any(kernels.glob("roi_max-*.so")):
+            fail(f"the SPP training built no CPU kernel under {kernels}")
         added = sorted(
             str(p.relative_to(site))
             for p in site.rglob("*")

@@ -1,0 +1,148 @@
+"""The CPU path's compiled kernel (``csrc/roi_max.c``): built on first use, loaded with ctypes.
+
+Max pooling over the RoI partition is the CPU path's hot loop. torchvision's ``roi_pool`` skips
+NaN, so on top of it exact NaN propagation needs a second read of every RoI window; this kernel
+checks NaN while it pools and does every level in one pass over each window.
+
+The source is plain C99 without Python or torch headers: the system C compiler (``$CC``, else
+``cc``, ``gcc`` or ``clang``) builds it in well under a second, the way Triton builds its own
+launcher, into ``user_cache_dir()/native`` (or ``$SPP_TRITON_NATIVE_DIR``), keyed by the source,
+compiler and flags. Nothing is written next to the package.
+
+Without a compiler, or with ``SPP_TRITON_NATIVE=0``, :func:`roi_max_kernel` returns ``None`` and
+the CPU path pools with torchvision plus its NaN guard: same results, slower (one warning says why
+when a build fails).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from spp_triton.model_zoo import user_cache_dir
+
+__all__ = ["roi_max_kernel", "Level"]
+
+SOURCE = Path(__file__).resolve().parent / "csrc" / "roi_max.c"
+# No -ffast-math (or -Ofast): the kernel relies on IEEE comparisons with NaN.
+_FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared"]
+_FUNCTIONS = {torch.float32: "spp_roi_max_float32", torch.float64: "spp_roi_max_float64"}
+
+
+class Level(ctypes.Structure):
+    """``spp_level`` in ``csrc/roi_max.c``: one level's bin edges for all RoIs."""
+
+    _fields_ = [
+        ("bins_h", ctypes.c_int64),
+        ("bins_w", ctypes.c_int64),
+        ("row_lo", ctypes.c_void_p),
+        ("row_hi", ctypes.c_void_p),
+        ("col_lo", ctypes.c_void_p),
+        ("col_hi", ctypes.c_void_p),
+        ("offset", ctypes.c_int64),
+    ]
+
+
+def _compiler() -> str | None:
+    if os.environ.get("CC"):
+        return shutil.which(os.environ["CC"])
+    for name in ("cc", "gcc", "clang"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _build(compiler: str) -> Path:
+    """The shared library for this source, compiler and flags, built if not cached."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join(
+            [source, compiler.encode(), " ".join(_FLAGS).encode(), platform.machine().encode()]
+        )
+    ).hexdigest()[:16]
+    folder = Path(os.environ.get("SPP_TRITON_NATIVE_DIR") or user_cache_dir() / "native")
+    target = folder / f"roi_max-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes building at once never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *_FLAGS, str(SOURCE), "-o", tmp],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("SPP_TRITON_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn(
+            "spp_triton: no C compiler found ($CC, cc, gcc, clang); the CPU path pools with "
+            "torchvision plus a NaN guard (same results, slower). Set SPP_TRITON_NATIVE=0 to "
+            "silence this.",
+            stacklevel=3,
+        )
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", None) or err
+        warnings.warn(
+            f"spp_triton: building {SOURCE.name} with {compiler} failed ({detail}); the CPU path "
+            "pools with torchvision plus a NaN guard (same results, slower). Set "
+            "SPP_TRITON_NATIVE=0 to silence this.",
+            stacklevel=3,
+        )
+        return None
+    for name in _FUNCTIONS.values():
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.c_void_p,  # x
+            ctypes.c_int64,  # n_img
+            ctypes.c_int64,  # channels
+            ctypes.c_int64,  # height
+            ctypes.c_int64,  # width
+            ctypes.c_void_p,  # batch
+            ctypes.c_int64,  # n_rois
+            ctypes.POINTER(Level),  # levels
+            ctypes.c_int64,  # n_levels
+            ctypes.c_void_p,  # out
+            ctypes.c_void_p,  # argmax (NULL: values only)
+            ctypes.c_int64,  # row_width
+            ctypes.c_void_p,  # out_rows (NULL: RoI r to row r)
+        ]
+    return lib
+
+
+def roi_max_kernel(dtype: torch.dtype):
+    """The compiled kernel for contiguous CPU maps of ``dtype`` (float32 or float64), or ``None``
+    when there is none (other dtypes, no compiler, ``SPP_TRITON_NATIVE=0``)."""
+    if dtype not in _FUNCTIONS:
+        return None
+    lib = _library()
+    return None if lib is None else getattr(lib, _FUNCTIONS[dtype])
