@@ -19,7 +19,7 @@ How it is fast without a loop per RoI:
   windows are read once per root level instead of once per level; with an argmax too, from levels
   of at most 16 bins (a coarse bin's argmax is the smallest among its fine bins holding the
   maximum). Nesting of torchvision's float partition is checked per RoI, and the rare RoIs where it
-  fails (e.g. 14 bins over some extents) are pooled directly. Boxes are handed to torchvision
+  fails (e.g. 1 bin from 7 over some extents) are pooled directly. Boxes are handed to torchvision
   already quantised (``spp_triton.bins``) with scale 1, so the partition is ours. The RoIs are
   quantised once per call and map. torchvision skips NaN and never returns less than -FLT_MAX; a
   guard (one reduction over the RoIs' windows, or over the whole map when the windows cover much of
@@ -54,13 +54,19 @@ def _batch_index(regions: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- max, RoI partition
+def _finest_first(levels: Levels) -> list[int]:
+    """Level indices by decreasing bin count (stable): every level after the ones it may be
+    derived from."""
+    return sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1])
+
+
 def _root_plan(levels: Levels, max_fine_bins: int | None = None) -> list[int | None]:
     """For each level, the index of a finer level it is derived from (``None``: pool it directly).
 
     A level derives from the coarsest finer level whose bin counts it divides on both axes (the
     fewest values to reduce), and that has at most ``max_fine_bins`` bins if given.
     """
-    order = sorted(range(len(levels)), key=lambda i: -levels[i][0] * levels[i][1])
+    order = _finest_first(levels)
     plan: list[int | None] = [None] * len(levels)
     for pos, i in enumerate(order):
         bh, bw = levels[i]
@@ -334,8 +340,9 @@ def _roi_max(
 
 
 def _roi_max_native(kernel, x32, batch, levels: Levels, geometry: Geometry, with_argmax, into=None):
-    """``_roi_max`` by the compiled kernel (``spp_triton.native``): every level in one pass over
-    each window, NaN-aware, written straight into the output; no guard, no exact path.
+    """``_roi_max`` by the compiled kernel (``spp_triton.native``): NaN-aware, levels nested in a
+    finer one derived from it in the kernel (each window read once per root level), written
+    straight into the output; no guard, no exact path.
 
     ``into=(out, argmax, rows)``: write RoI ``i`` into row ``rows[i]`` of those (contiguous, of
     ``x32``'s dtype; ``argmax`` int32 or None) instead of new tensors, and return ``None``."""
@@ -352,11 +359,18 @@ def _roi_max_native(kernel, x32, batch, levels: Levels, geometry: Geometry, with
         rows = rows.contiguous()
     batch = batch.contiguous()
     edges = {level: [t.contiguous() for t in geometry[level]] for level in geometry}
+    # finest first (``_root_plan``'s order), each nested level naming the finer one to derive from
+    plan = _root_plan(levels)
+    order = _finest_first(levels)
+    position = {i: p for p, i in enumerate(order)}
+    offsets = bins.level_offsets(levels, c)
     specs = (native.Level * len(levels))()
-    for spec, (bh, bw), offset in zip(specs, levels, bins.level_offsets(levels, c), strict=True):
+    for spec, i in zip(specs, order, strict=True):
+        (bh, bw), src = levels[i], plan[i]
         row_lo, row_hi, col_lo, col_hi = (t.data_ptr() for t in edges[(bh, bw)])
-        spec.bins_h, spec.bins_w, spec.offset = bh, bw, offset
+        spec.bins_h, spec.bins_w, spec.offset = bh, bw, offsets[i]
         spec.row_lo, spec.row_hi, spec.col_lo, spec.col_hi = row_lo, row_hi, col_lo, col_hi
+        spec.source = -1 if src is None else position[src]
     status = kernel(
         x32.data_ptr(),
         n_img,

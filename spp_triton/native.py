@@ -50,6 +50,7 @@ class Level(ctypes.Structure):
         ("col_lo", ctypes.c_void_p),
         ("col_hi", ctypes.c_void_p),
         ("offset", ctypes.c_int64),
+        ("source", ctypes.c_int64),
     ]
 
 

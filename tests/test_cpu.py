@@ -81,10 +81,14 @@ def test_roi_max_equals_torchvision(gen, levels, with_argmax):
 
 @pytest.mark.parametrize("with_argmax", [True, False])
 def test_non_nesting_levels_fall_back_to_direct_pooling(gen, with_argmax):
-    """14 bins do not always nest in 7 under torchvision's float partition."""
-    x = torch.randn(1, 2, 40, 40, generator=gen)
-    rois = torch.tensor([[0, 0.0, 0.0, float(e), float(e)] for e in range(5, 40)])
-    levels = ((7, 7), (14, 14))
+    """7 bins do not always nest in 1 under torchvision's float partition (ratio 2 always does:
+    doubling is exact in floating point; ratio 7 fails at extents 57, 114, 121, ...)."""
+    x = torch.randn(1, 2, 130, 130, generator=gen)
+    rois = torch.tensor([[0, 0.0, 0.0, float(e), float(e)] for e in range(5, 125)])
+    levels = ((1, 1), (7, 7), (14, 14))
+    q = cpu._quantise(rois, 1.0, torch.float32, torch.float32)
+    geometry = cpu._geometry(q, levels, 130, 130, torch.float32)
+    assert cpu._nesting_fails(geometry, (7, 7), (1, 1)).numel() >= 2  # the case does occur
     out, arg = _forward(x, rois, levels, 1.0, with_argmax=with_argmax)
     ref, ref_arg = _tv(x, rois, levels, 1.0)
     assert torch.equal(out, ref)

@@ -87,17 +87,24 @@ def _special(gen, shape, dtype):
 
 
 @needs_compiler
+@pytest.mark.parametrize(
+    "levels",
+    [(1, 2, 4, 7), (14, 7, (3, 2), (6, 4), 2, 2)],
+    ids=["derived and direct", "non-nesting, pairs, repeated"],
+)
 @pytest.mark.parametrize("channels", [1, 3, 4, 6, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_kernel_equals_the_torchvision_path(gen, monkeypatch, channels, dtype):
+def test_kernel_equals_the_torchvision_path(gen, monkeypatch, levels, channels, dtype):
     """Same values (NaN where NaN) and the same argmax as the other path, on every channel count
-    around the kernel's 4-channel blocks, with and without argmax, several levels in one call."""
+    around the kernel's 4-channel blocks, with and without argmax, several levels in one call:
+    coarse levels derived in the kernel, 7 of 14 where the float partition does not nest for some
+    RoIs (pooled directly there), rectangular levels and a level asked twice."""
     x = _special(gen, (2, channels, 13, 10), dtype)
     xy = torch.rand(40, 4, generator=gen, dtype=dtype) * 30 - 8
     rois = torch.cat(
         [torch.randint(0, 2, (40, 1), generator=gen).to(dtype), xy[:, :2], xy[:, :2] + xy[:, 2:]], 1
     )
-    levels = bins.normalize_levels((1, 2, 4, 7))
+    levels = bins.normalize_levels(levels)
     for with_argmax in (True, False):
         args = ([x], rois, None, [0.7], levels, "max", "roi", with_argmax)
         compiled = cpu.pyramid_pool_forward(*args)
@@ -130,3 +137,28 @@ def test_edges_past_the_map_are_clamped_and_bad_batch_indices_refused(gen):
     assert int(arg.min()) >= 0 and int(arg.max()) < 5 * 6
     with pytest.raises(ValueError, match="batch index"):
         cpu._roi_max_native(kernel, x, torch.tensor([0, 2]), [(2, 1)], geometry, False)
+
+
+@needs_compiler
+@pytest.mark.parametrize("direction", [1.0, -1.0], ids=["max at the end", "max at the start"])
+@pytest.mark.parametrize("with_argmax", [True, False])
+def test_levels_that_do_not_nest_for_some_rois_are_pooled_directly(
+    monkeypatch, direction, with_argmax
+):
+    """Ratio-7 levels (1 from 7, 2 from 14) do not nest under the float partition at some extents;
+    on a ramp every bin's maximum sits on an edge of the bin, so a union of fine bins that missed
+    or overstepped one row or column of the coarse bin would change its value."""
+    size = 130
+    ramp = torch.arange(size * size, dtype=torch.float32).view(1, 1, size, size) * direction
+    x = torch.cat([ramp, ramp.transpose(2, 3)], 1)
+    rois = torch.tensor([[0, 0.0, 0.0, float(e), float(e)] for e in range(1, 125)])
+    levels = bins.normalize_levels((1, 2, 7, 14))
+    q = cpu._quantise(rois, 1.0, torch.float32, torch.float32)
+    geometry = cpu._geometry(q, levels, size, size, torch.float32)
+    assert cpu._nesting_fails(geometry, (14, 14), (2, 2)).numel() >= 2  # the case does occur
+    args = ([x], rois, None, [1.0], levels, "max", "roi", with_argmax)
+    compiled = cpu.pyramid_pool_forward(*args)
+    monkeypatch.setattr(native, "roi_max_kernel", lambda dtype: None)
+    other = cpu.pyramid_pool_forward(*args)
+    assert torch.equal(compiled[0], other[0])
+    assert torch.equal(compiled[1], other[1])
