@@ -1,10 +1,12 @@
-"""The vectorised PyTorch path: forward and backward of pyramid pooling without Triton.
+"""The CPU path: forward and backward of pyramid pooling without Triton (vectorised PyTorch, and
+for max over the RoI partition on CPU a small compiled C kernel, ``spp_triton.native``).
 
 It has the same interface as ``spp_triton.kernels.pyramid_pool`` (see there for the argument
-conventions) and runs on any device. ``spp_triton.ops`` uses it for CPU tensors and for the
-deterministic backward (max: torchvision's serial ``_roi_pool_backward`` on CPU, a 1-D
-``scatter_add_`` on other devices; avg: ``index_put_(accumulate=True)``; PyTorch makes the last
-two deterministic under ``torch.use_deterministic_algorithms(True)``).
+conventions) and runs on any device (the compiled kernel only on CPU tensors). ``spp_triton.ops``
+uses it for CPU tensors and for the deterministic backward (max: torchvision's serial
+``_roi_pool_backward`` on CPU, a 1-D ``scatter_add_`` on other devices; avg:
+``index_put_(accumulate=True)``; PyTorch makes the last two deterministic under
+``torch.use_deterministic_algorithms(True)``).
 
 How it is fast without a loop per RoI:
 

@@ -78,9 +78,10 @@ static int spp_nests(const int64_t *fine_lo, const int64_t *fine_hi, const int64
 #else /* the kernel, once per SPP_SCALAR */
 
 /* One bin [h0, h1) x [w0, w1) of one plane (not empty), read once without data-dependent
- * branches (selects the compiler turns into max and conditional moves): the maximum, its first
- * position if `argmax` is wanted, and whether a NaN was seen; only then (rare) a second pass
- * finds the first NaN while the bin is still in L1. */
+ * branches (a select gcc turns into maxss, and a mask for the position: written as `?:` or `if`
+ * it became a jump, which random data mispredicts): the maximum, its first position if `argmax`
+ * is wanted, and whether a NaN was seen; only then (rare) a second pass finds the first NaN
+ * while the bin is still in L1. */
 static inline SPP_SCALAR SPP_FN(spp_bin_max)(const SPP_SCALAR *map, int64_t width, int64_t h0, int64_t h1,
                                  int64_t w0, int64_t w1, int32_t *argmax)
 {
@@ -124,38 +125,74 @@ static inline SPP_SCALAR SPP_FN(spp_bin_max)(const SPP_SCALAR *map, int64_t widt
     return best;
 }
 
-/* SPP_BIN with argmax on 4 planes `stride` apart at once: four independent dependency chains
- * (the compare-and-select chain of one plane is latency-bound). */
-static inline void SPP_FN(spp_bin4_max)(const SPP_SCALAR *map, int64_t stride, int64_t width, int64_t h0,
-                            int64_t h1, int64_t w0, int64_t w1, SPP_SCALAR *out,
-                            int32_t *argmax, int64_t out_stride)
+/* spp_bin_max with argmax on the same bin of 4 planes `stride` apart: four independent
+ * compare-and-select chains (one chain is latency-bound); a NaN in any of them sends the four
+ * to spp_bin_max. */
+static inline void SPP_FN(spp_bin4_max)(const SPP_SCALAR *map, int64_t stride, int64_t width,
+                                        int64_t h0, int64_t h1, int64_t w0, int64_t w1,
+                                        SPP_SCALAR *out, int32_t *argmax, int64_t out_stride)
 {
-    SPP_SCALAR best[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    int64_t at[4];
-    int nan[4] = {0, 0, 0, 0};
-    for (int j = 0; j < 4; ++j)
-        at[j] = h0 * width + w0;
+    /* scalars, not arrays: kept in registers (arrays made gcc spill every step) */
+    const SPP_SCALAR *p0 = map, *p1 = map + stride, *p2 = map + 2 * stride, *p3 = map + 3 * stride;
+    SPP_SCALAR b0 = -INFINITY, b1 = -INFINITY, b2 = -INFINITY, b3 = -INFINITY;
+    int32_t a0 = (int32_t)(h0 * width + w0), a1 = a0, a2 = a0, a3 = a0;
+    int nan = 0;
     for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t w = w0; w < w1; ++w) {
-            const int64_t idx = h * width + w;
-            for (int j = 0; j < 4; ++j) {
-                const SPP_SCALAR v = map[j * stride + idx];
-                const int64_t greater = -(int64_t)(v > best[j]);
-                at[j] = (idx & greater) | (at[j] & ~greater);
-                best[j] = v > best[j] ? v : best[j];
-                nan[j] |= v != v;
-            }
+        for (int32_t idx = (int32_t)(h * width + w0), end = (int32_t)(h * width + w1); idx < end;
+             ++idx) {
+            const SPP_SCALAR v0 = p0[idx], v1 = p1[idx], v2 = p2[idx], v3 = p3[idx];
+            int32_t m;
+            m = -(int32_t)(v0 > b0);
+            a0 = (idx & m) | (a0 & ~m);
+            b0 = v0 > b0 ? v0 : b0;
+            m = -(int32_t)(v1 > b1);
+            a1 = (idx & m) | (a1 & ~m);
+            b1 = v1 > b1 ? v1 : b1;
+            m = -(int32_t)(v2 > b2);
+            a2 = (idx & m) | (a2 & ~m);
+            b2 = v2 > b2 ? v2 : b2;
+            m = -(int32_t)(v3 > b3);
+            a3 = (idx & m) | (a3 & ~m);
+            b3 = v3 > b3 ? v3 : b3;
+            nan |= (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3);
         }
     }
-    for (int j = 0; j < 4; ++j) {
-        if (nan[j]) { /* rare: the first NaN, by the one-plane path */
+    if (nan) { /* rare: the first NaN, one plane at a time */
+        for (int j = 0; j < 4; ++j)
             out[j * out_stride] = SPP_FN(spp_bin_max)(map + j * stride, width, h0, h1, w0, w1,
-                                          argmax + j * out_stride);
-        } else {
-            out[j * out_stride] = best[j];
-            argmax[j * out_stride] = (int32_t)at[j];
+                                                      argmax + j * out_stride);
+        return;
+    }
+    out[0] = b0, out[out_stride] = b1, out[2 * out_stride] = b2, out[3 * out_stride] = b3;
+    argmax[0] = a0, argmax[out_stride] = a1, argmax[2 * out_stride] = a2;
+    argmax[3 * out_stride] = a3;
+}
+
+/* The values alone (no argmax) of the same bin on 4 planes `stride` apart. */
+static inline void SPP_FN(spp_bin4_max_values)(const SPP_SCALAR *map, int64_t stride,
+                                               int64_t width, int64_t h0, int64_t h1, int64_t w0,
+                                               int64_t w1, SPP_SCALAR *out, int64_t out_stride)
+{
+    const SPP_SCALAR *p0 = map, *p1 = map + stride, *p2 = map + 2 * stride, *p3 = map + 3 * stride;
+    SPP_SCALAR b0 = -INFINITY, b1 = -INFINITY, b2 = -INFINITY, b3 = -INFINITY;
+    int n0 = 0, n1 = 0, n2 = 0, n3 = 0;
+    for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t idx = h * width + w0, end = h * width + w1; idx < end; ++idx) {
+            const SPP_SCALAR v0 = p0[idx], v1 = p1[idx], v2 = p2[idx], v3 = p3[idx];
+            b0 = v0 > b0 ? v0 : b0;
+            b1 = v1 > b1 ? v1 : b1;
+            b2 = v2 > b2 ? v2 : b2;
+            b3 = v3 > b3 ? v3 : b3;
+            n0 |= v0 != v0;
+            n1 |= v1 != v1;
+            n2 |= v2 != v2;
+            n3 |= v3 != v3;
         }
     }
+    out[0] = n0 ? (SPP_SCALAR)NAN : b0;
+    out[out_stride] = n1 ? (SPP_SCALAR)NAN : b1;
+    out[2 * out_stride] = n2 ? (SPP_SCALAR)NAN : b2;
+    out[3 * out_stride] = n3 ? (SPP_SCALAR)NAN : b3;
 }
 
 /* One level of RoI r pooled from the map. */
@@ -179,6 +216,10 @@ static void SPP_FN(spp_pool_level)(const SPP_SCALAR *image, int64_t channels, in
                 for (; c + 4 <= channels; c += 4, i += 4 * nbins)
                     SPP_FN(spp_bin4_max)(image + c * plane, plane, width, h0, h1, w0, w1, o + i,
                                          a + i, nbins);
+            } else if (!empty) {
+                for (; c + 4 <= channels; c += 4, i += 4 * nbins)
+                    SPP_FN(spp_bin4_max_values)(image + c * plane, plane, width, h0, h1, w0, w1,
+                                                o + i, nbins);
             }
             for (; c < channels; ++c, i += nbins) {
                 if (empty) {
