@@ -313,7 +313,8 @@ def _roi_max(
     k, c = regions.shape[0], x.shape[1]
     q = _quantise(regions, scale, bin_dtype, x32.dtype)
     geometry = _geometry(q, levels, x.shape[2], x.shape[3], bin_dtype)
-    kernel = native.roi_max_kernel(x32.dtype) if x32.device.type == "cpu" else None
+    small_plane = x.shape[2] * x.shape[3] < 2**31 - 1  # the kernel's positions are int32
+    kernel = native.roi_max_kernel(x32.dtype) if x32.device.type == "cpu" and small_plane else None
     if kernel is not None:
         if into is not None and into[0].dtype == x32.dtype:
             return _roi_max_native(kernel, x32, q.batch, levels, geometry, with_argmax, into)
@@ -348,8 +349,10 @@ def _roi_max_native(kernel, x32, batch, levels: Levels, geometry: Geometry, with
 
     ``into=(out, argmax, rows)``: write RoI ``i`` into row ``rows[i]`` of those (contiguous, of
     ``x32``'s dtype; ``argmax`` int32 or None) instead of new tensors, and return ``None``."""
-    x32 = x32.contiguous()
     n_img, c, height, width = x32.shape
+    if height * width >= 2**31 - 1:
+        raise ValueError(f"a {height}x{width} map has too many elements for int32 positions")
+    x32 = x32.contiguous()
     k = batch.shape[0]
     row_width = c * bins.pyramid_width(levels)
     if into is None:

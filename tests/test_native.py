@@ -137,6 +137,13 @@ def test_edges_past_the_map_are_clamped_and_bad_batch_indices_refused(gen):
     assert int(arg.min()) >= 0 and int(arg.max()) < 5 * 6
     with pytest.raises(ValueError, match="batch index"):
         cpu._roi_max_native(kernel, x, torch.tensor([0, 2]), [(2, 1)], geometry, False)
+    # a plane past int32 positions: refused by the host side before the map is touched, and by
+    # the kernel itself before anything is read (dimensions only: no RoI, no data)
+    huge = x.new_zeros(1).as_strided((1, 1, 2**16, 2**15), (0, 0, 0, 0))
+    empty = {(1, 1): tuple(torch.zeros(0, 1, dtype=torch.int64) for _ in range(4))}
+    with pytest.raises(ValueError, match="int32"):
+        cpu._roi_max_native(kernel, huge, torch.zeros(0, dtype=torch.int64), [(1, 1)], empty, False)
+    assert kernel(None, 1, 1, 2**16, 2**15, None, 0, None, 0, None, None, 0, None) == 2
 
 
 @needs_compiler

@@ -24,8 +24,9 @@
  * block of C * bh * bw values at column `offset`, laid out [C, bh, bw].
  *
  * Memory safety: bin edges are clamped to the map here as well, a `source` must precede its level
- * and divide its bin counts (else the level is pooled from the map), and a batch index outside
- * [0, N) stops the call with return value 1 before anything of that RoI is read.
+ * and divide its bin counts (else the level is pooled from the map), a batch index outside
+ * [0, N) stops the call with return value 1 before anything of that RoI is read, and a plane of
+ * 2**31 - 1 elements or more (positions are int32) is refused with return value 2.
  */
 #ifndef SPP_SCALAR
 
@@ -289,6 +290,8 @@ int SPP_FN(spp_roi_max)(const SPP_SCALAR *x, int64_t n_img, int64_t channels, in
                         int32_t *argmax, int64_t row_width, const int64_t *out_rows)
 {
     const int64_t plane = height * width;
+    if (plane >= INT32_MAX) /* positions are int32 */
+        return 2;
     for (int64_t r = 0; r < n_rois; ++r) {
         const int64_t b = batch[r];
         if (b < 0 || b >= n_img)
