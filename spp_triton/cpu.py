@@ -734,9 +734,12 @@ def pyramid_pool_forward(
         covered = sum(rows.numel() for _, rows in maps) == k
         out = x_first.new_empty(k, width_p) if covered else x_first.new_zeros(k, width_p)
         if with_argmax:
-            argmax = torch.full((k, width_p), -1, dtype=torch.int32, device=x_first.device)
-            if covered:
-                argmax = torch.empty_like(argmax)
+            shape, device = (k, width_p), x_first.device
+            argmax = (
+                torch.empty(shape, dtype=torch.int32, device=device)
+                if covered
+                else torch.full(shape, -1, dtype=torch.int32, device=device)
+            )
     bin_dtype = bins.bin_dtype_for(x_first.dtype)
     for f, rows in maps:
         x = features[f]
