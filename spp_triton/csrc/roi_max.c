@@ -247,6 +247,45 @@ static void SPP_FN(spp_derive_level)(int64_t channels, int64_t height, int64_t w
     const int64_t rh = fh / bh, rw = fw / bw;
     const int64_t *row_lo = src->row_lo + r * fh, *row_hi = src->row_hi + r * fh;
     const int64_t *col_lo = src->col_lo + r * fw, *col_hi = src->col_hi + r * fw;
+    int clipped = 0;
+    for (int64_t i = 0; i < fh; ++i)
+        clipped |= spp_clamp(row_hi[i], 0, height) <= spp_clamp(row_lo[i], 0, height);
+    for (int64_t j = 0; j < fw; ++j)
+        clipped |= spp_clamp(col_hi[j], 0, width) <= spp_clamp(col_lo[j], 0, width);
+    if (!clipped) { /* the usual case, no fine bin clipped away: branch-free, two short passes */
+        for (int64_t c = 0; c < channels; ++c) {
+            const SPP_SCALAR *fc = fo + c * fbins;
+            const int32_t *ac = fa ? fa + c * fbins : NULL;
+            for (int64_t ph = 0; ph < bh; ++ph) {
+                for (int64_t pw = 0; pw < bw; ++pw) {
+                    SPP_SCALAR best = -INFINITY;
+                    int nan = 0;
+                    for (int64_t i = ph * rh; i < (ph + 1) * rh; ++i) {
+                        for (int64_t j = pw * rw; j < (pw + 1) * rw; ++j) {
+                            const SPP_SCALAR v = fc[i * fw + j];
+                            best = v > best ? v : best;
+                            nan |= v != v;
+                        }
+                    }
+                    const int64_t bin = c * nbins + ph * bw + pw;
+                    o[bin] = nan ? (SPP_SCALAR)NAN : best;
+                    if (!a)
+                        continue;
+                    int32_t at = INT32_MAX;
+                    for (int64_t i = ph * rh; i < (ph + 1) * rh; ++i) {
+                        for (int64_t j = pw * rw; j < (pw + 1) * rw; ++j) {
+                            const SPP_SCALAR v = fc[i * fw + j];
+                            const int32_t cand = (nan ? v != v : v == best) ? ac[i * fw + j]
+                                                                            : INT32_MAX;
+                            at = cand < at ? cand : at;
+                        }
+                    }
+                    a[bin] = at;
+                }
+            }
+        }
+        return;
+    }
     for (int64_t c = 0; c < channels; ++c) {
         for (int64_t ph = 0; ph < bh; ++ph) {
             for (int64_t pw = 0; pw < bw; ++pw) {
