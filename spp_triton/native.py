@@ -31,12 +31,22 @@ import torch
 
 from spp_triton.model_zoo import user_cache_dir
 
-__all__ = ["roi_max_kernel", "Level"]
+__all__ = ["roi_max_kernel", "roi_max_backward_kernel", "Level"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "roi_max.c"
 # No -ffast-math (or -Ofast): the kernel relies on IEEE comparisons with NaN.
 _FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared"]
-_FUNCTIONS = {torch.float32: "spp_roi_max_float32", torch.float64: "spp_roi_max_float64"}
+_TYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+# each function's argument types (see csrc/roi_max.c)
+_SIGNATURES = {
+    # x, n_img, channels, height, width, batch, n_rois, levels, n_levels, out, argmax (NULL:
+    # values only), row_width, out_rows (NULL: RoI r to row r)
+    "spp_roi_max": [_P, _I, _I, _I, _I, _P, _I, None, _I, _P, _P, _I, _P],
+    # grad_out, argmax, row_width, rows (NULL: RoI r reads row r), batch, n_rois, levels,
+    # n_levels, grad, n_img, channels, height, width
+    "spp_roi_max_backward": [_P, _P, _I, _P, _P, _I, None, _I, _P, _I, _I, _I, _I],
+}
 
 
 class Level(ctypes.Structure):
@@ -119,31 +129,28 @@ def _library() -> ctypes.CDLL | None:
             stacklevel=3,
         )
         return None
-    for name in _FUNCTIONS.values():
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.c_void_p,  # x
-            ctypes.c_int64,  # n_img
-            ctypes.c_int64,  # channels
-            ctypes.c_int64,  # height
-            ctypes.c_int64,  # width
-            ctypes.c_void_p,  # batch
-            ctypes.c_int64,  # n_rois
-            ctypes.POINTER(Level),  # levels
-            ctypes.c_int64,  # n_levels
-            ctypes.c_void_p,  # out
-            ctypes.c_void_p,  # argmax (NULL: values only)
-            ctypes.c_int64,  # row_width
-            ctypes.c_void_p,  # out_rows (NULL: RoI r to row r)
-        ]
+    for name, signature in _SIGNATURES.items():
+        for type_name in _TYPE_NAMES.values():
+            fn = getattr(lib, f"{name}_{type_name}")
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.POINTER(Level) if t is None else t for t in signature]
     return lib
 
 
-def roi_max_kernel(dtype: torch.dtype):
-    """The compiled kernel for contiguous CPU maps of ``dtype`` (float32 or float64), or ``None``
-    when there is none (other dtypes, no compiler, ``SPP_TRITON_NATIVE=0``)."""
-    if dtype not in _FUNCTIONS:
+def _function(name: str, dtype: torch.dtype):
+    if dtype not in _TYPE_NAMES:
         return None
     lib = _library()
-    return None if lib is None else getattr(lib, _FUNCTIONS[dtype])
+    return None if lib is None else getattr(lib, f"{name}_{_TYPE_NAMES[dtype]}")
+
+
+def roi_max_kernel(dtype: torch.dtype):
+    """The compiled forward for contiguous CPU maps of ``dtype`` (float32 or float64), or ``None``
+    when there is none (other dtypes, no compiler, ``SPP_TRITON_NATIVE=0``)."""
+    return _function("spp_roi_max", dtype)
+
+
+def roi_max_backward_kernel(dtype: torch.dtype):
+    """The compiled max backward (from an argmax, either partition) for gradients of ``dtype``,
+    or ``None`` (as :func:`roi_max_kernel`)."""
+    return _function("spp_roi_max_backward", dtype)

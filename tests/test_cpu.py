@@ -7,8 +7,9 @@ away, the guard and the exact re-pooling of RoIs that read NaN, infinities or va
 (torchvision skips NaN and never returns less than -FLT_MAX), one map without a
 ``feature_index``, the int32 argmax convention shared with the kernels, and the backward.
 
-Every test runs twice: with the compiled max kernel (``spp_triton.native``, the default where a C
-compiler exists) and with torchvision's ``roi_pool`` plus the guard (the path without one).
+Every test runs twice: with the compiled max kernels (``spp_triton.native``, forward and backward,
+the default where a C compiler exists) and with torchvision's ``roi_pool`` plus the guard and
+``_roi_pool_backward`` (the path without one).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def roi_max_path(request, monkeypatch):
     """The RoI max pooling path under test (see the module docstring)."""
     if request.param == "torchvision":
         monkeypatch.setattr(native, "roi_max_kernel", lambda dtype: None)
+        monkeypatch.setattr(native, "roi_max_backward_kernel", lambda dtype: None)
     elif native.roi_max_kernel(torch.float32) is None:
         pytest.skip("no compiled kernel on this machine (no C compiler)")
     return request.param

@@ -169,3 +169,34 @@ def test_levels_that_do_not_nest_for_some_rois_are_pooled_directly(
     other = cpu.pyramid_pool_forward(*args)
     assert torch.equal(compiled[0], other[0])
     assert torch.equal(compiled[1], other[1])
+
+
+@needs_compiler
+@pytest.mark.parametrize("partition", ["roi", "adaptive"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_equals_the_torchvision_path(gen, monkeypatch, partition, dtype):
+    """The compiled backward against torchvision's ``_roi_pool_backward`` per level: two maps
+    (rows scattered between them, one map read by no RoI), several levels, empty bins (RoIs past
+    the map), both partitions. Integer gradients make every sum exact in any order, so the
+    comparison is bitwise although levels are added in another order."""
+    maps = [_special(gen, (2, 5, 13, 10), dtype).nan_to_num(0.0, 1.0, -1.0) for _ in range(3)]
+    k = 30
+    xy = torch.rand(k, 4, generator=gen, dtype=dtype) * 30 - 8
+    rois = torch.cat(
+        [torch.randint(0, 2, (k, 1), generator=gen).to(dtype), xy[:, :2], xy[:, :2] + xy[:, 2:]], 1
+    )
+    if partition == "adaptive":  # regions: (batch index, valid height, valid width)
+        rois = torch.tensor([[0, 13, 10], [1, 5, 7], [1, 1, 1]]).repeat(k // 3, 1)
+    feature_index = torch.randint(0, 2, (k,), generator=gen)  # map 2: no RoI
+    levels = bins.normalize_levels((1, 2, 3, 6))
+    args = (maps, rois, feature_index, [0.7] * 3, levels, "max", partition)
+    _, argmax = cpu.pyramid_pool_forward(*args, with_argmax=True)
+    grad_out = torch.randint(-8, 9, argmax.shape, generator=gen).to(dtype)
+    compiled = cpu.pyramid_pool_backward(grad_out, *args, argmax)
+    monkeypatch.setattr(native, "roi_max_backward_kernel", lambda dtype: None)
+    other = cpu.pyramid_pool_backward(grad_out, *args, argmax)
+    assert len(compiled) == 3 and not compiled[2].any()
+    for a, b in zip(compiled, other, strict=True):
+        assert a.dtype == b.dtype == dtype and a.is_contiguous()
+        assert torch.equal(a, b)
+    assert compiled[0].any() and compiled[1].any()

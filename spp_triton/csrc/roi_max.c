@@ -367,4 +367,39 @@ int SPP_FN(spp_roi_max)(const SPP_SCALAR *x, int64_t n_img, int64_t channels, in
     return 0;
 }
 
+/* The gradient of the forward above (and of the adaptive partition, whose argmax has the same
+ * form): `grad` (zeroed [N, C, H, W]) += each output gradient at its argmax. Levels one after the
+ * other, RoIs in order within a level (torchvision's _roi_pool_backward order for one level), in
+ * one thread: deterministic. An argmax outside the plane (-1: empty bin) adds nothing. RoI r
+ * reads row rows[r] (r if rows is NULL) of `grad_out` and `argmax`; return value 1: a batch
+ * index outside [0, N), before anything of that RoI is written. */
+int SPP_FN(spp_roi_max_backward)(const SPP_SCALAR *grad_out, const int32_t *argmax,
+                                 int64_t row_width, const int64_t *rows, const int64_t *batch,
+                                 int64_t n_rois, const spp_level *levels, int64_t n_levels,
+                                 SPP_SCALAR *grad, int64_t n_img, int64_t channels,
+                                 int64_t height, int64_t width)
+{
+    const int64_t plane = height * width;
+    for (int64_t r = 0; r < n_rois; ++r)
+        if (batch[r] < 0 || batch[r] >= n_img)
+            return 1;
+    for (int64_t l = 0; l < n_levels; ++l) {
+        const int64_t nbins = levels[l].bins_h * levels[l].bins_w;
+        for (int64_t r = 0; r < n_rois; ++r) {
+            const int64_t row = rows ? rows[r] : r;
+            const SPP_SCALAR *g = grad_out + row * row_width + levels[l].offset;
+            const int32_t *a = argmax + row * row_width + levels[l].offset;
+            SPP_SCALAR *image = grad + batch[r] * channels * plane;
+            for (int64_t c = 0; c < channels; ++c) {
+                SPP_SCALAR *map = image + c * plane;
+                for (int64_t i = c * nbins; i < (c + 1) * nbins; ++i) {
+                    if (a[i] >= 0 && a[i] < plane)
+                        map[a[i]] += g[i];
+                }
+            }
+        }
+    }
+    return 0;
+}
+
 #endif
