@@ -1,17 +1,20 @@
-"""The CPU path's compiled kernel (``csrc/roi_max.c``): built on first use, loaded with ctypes.
+"""The CPU path's compiled kernels (``csrc/roi_max.c``): built on first use, loaded with ctypes.
 
 Max pooling over the RoI partition is the CPU path's hot loop. torchvision's ``roi_pool`` skips
-NaN, so on top of it exact NaN propagation needs a second read of every RoI window; this kernel
-checks NaN while it pools and does every level in one pass over each window.
+NaN, so on top of it exact NaN propagation needs a second read of every RoI window; the forward
+kernel checks NaN while it pools, and derives nested levels from finer ones. The backward kernel
+scatters every level's gradient in one serial pass (deterministic).
 
 The source is plain C99 without Python or torch headers: the system C compiler (``$CC``, else
-``cc``, ``gcc`` or ``clang``) builds it in well under a second, the way Triton builds its own
+``cc``, ``gcc`` or ``clang``) builds it in about 1.5 s, once, the way Triton builds its own
 launcher, into ``user_cache_dir()/native`` (or ``$SPP_TRITON_NATIVE_DIR``), keyed by the source,
-compiler and flags. Nothing is written next to the package.
+compiler, flags and machine. Nothing is written next to the package.
 
-Without a compiler, or with ``SPP_TRITON_NATIVE=0``, :func:`roi_max_kernel` returns ``None`` and
-the CPU path pools with torchvision plus its NaN guard: same results, slower (one warning says why
-when a build fails).
+Without a compiler, or with ``SPP_TRITON_NATIVE=0``, :func:`roi_max_kernel` and
+:func:`roi_max_backward_kernel` return ``None`` and the CPU path uses torchvision (plus its NaN
+guard): the same pooled values and argmax, slower; gradients equal up to float rounding where
+several levels add into one pixel (one warning says why when there is no compiler or a build
+fails).
 """
 
 from __future__ import annotations
