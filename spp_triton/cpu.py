@@ -3,8 +3,8 @@ for max over the RoI partition on CPU a small compiled C kernel, ``spp_triton.na
 
 It has the same interface as ``spp_triton.kernels.pyramid_pool`` (see there for the argument
 conventions) and runs on any device (the compiled kernel only on CPU tensors). ``spp_triton.ops``
-uses it for CPU tensors and for the deterministic backward (max: torchvision's serial
-``_roi_pool_backward`` on CPU, a 1-D ``scatter_add_`` on other devices; avg:
+uses it for CPU tensors and for the deterministic backward (max: the compiled serial scatter on
+CPU, else torchvision's serial ``_roi_pool_backward``, a 1-D ``scatter_add_`` on other devices; avg:
 ``index_put_(accumulate=True)``; PyTorch makes the last two deterministic under
 ``torch.use_deterministic_algorithms(True)``).
 
@@ -12,9 +12,11 @@ How it is fast without a loop per RoI:
 
 * **max, RoI partition, compiled** (the default for float32/float64 where a C compiler exists):
   ``csrc/roi_max.c`` through ``spp_triton.native``. The host side quantises the RoIs and computes
-  every level's bin edges once (``bins.roi_bin_edges``); the kernel pools all levels, checks NaN
-  while it reads, and writes each map's RoIs straight into their rows of the output. No guard,
-  no derivation, no exact path: those below serve the path without a compiler.
+  every level's bin edges once (``bins.roi_bin_edges``); the kernel pools the root levels,
+  derives the nested ones inside (nesting checked per RoI), checks NaN while it reads, and writes
+  each map's RoIs straight into their rows of the output. No guard and no exact path: those
+  below serve the path without a compiler. Its backward (both partitions) is one serial scatter
+  into a gradient map the OS zeroes lazily (``_zeros``).
 * **max, RoI partition, without the compiled kernel**: one call of torchvision's C++ ``roi_pool``
   at each *root* level (a level that divides no other requested level); every other level is
   derived from a finer one whose bins nest in it (coarse bin = union of fine bins), so the RoI
@@ -363,19 +365,17 @@ def _roi_max_native(kernel, x32, batch, levels: Levels, geometry: Geometry, with
         out, argmax, rows = into
         rows = rows.contiguous()
     batch = batch.contiguous()
-    edges = {level: [t.contiguous() for t in geometry[level]] for level in geometry}
     # finest first (``_root_plan``'s order), each nested level naming the finer one to derive from
-    plan = _root_plan(levels)
-    order = _finest_first(levels)
+    plan, order = _root_plan(levels), _finest_first(levels)
     position = {i: p for p, i in enumerate(order)}
     offsets = bins.level_offsets(levels, c)
-    specs = (native.Level * len(levels))()
-    for spec, i in zip(specs, order, strict=True):
-        (bh, bw), src = levels[i], plan[i]
-        row_lo, row_hi, col_lo, col_hi = (t.data_ptr() for t in edges[(bh, bw)])
-        spec.bins_h, spec.bins_w, spec.offset = bh, bw, offsets[i]
-        spec.row_lo, spec.row_hi, spec.col_lo, spec.col_hi = row_lo, row_hi, col_lo, col_hi
-        spec.source = -1 if src is None else position[src]
+    edges = [[t.contiguous() for t in geometry[levels[i]]] for i in order]
+    specs = native.level_specs(
+        [levels[i] for i in order],
+        [offsets[i] for i in order],
+        edges,
+        [-1 if plan[i] is None else position[plan[i]] for i in order],
+    )
     status = kernel(
         x32.data_ptr(),
         n_img,
@@ -824,9 +824,7 @@ def _max_backward_native(kernel, grad_all, argmax_all, rows, batch, shape, level
     batch = batch.contiguous()
     if rows is not None:
         rows = rows.contiguous()
-    specs = (native.Level * len(levels))()
-    for spec, (bh, bw), offset in zip(specs, levels, bins.level_offsets(levels, c), strict=True):
-        spec.bins_h, spec.bins_w, spec.offset, spec.source = bh, bw, offset, -1
+    specs = native.level_specs(levels, bins.level_offsets(levels, c))
     status = kernel(
         grad_all.data_ptr(),
         argmax_all.data_ptr(),

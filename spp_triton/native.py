@@ -34,7 +34,7 @@ import torch
 
 from spp_triton.model_zoo import user_cache_dir
 
-__all__ = ["roi_max_kernel", "roi_max_backward_kernel", "Level"]
+__all__ = ["roi_max_kernel", "roi_max_backward_kernel", "level_specs", "Level"]
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "roi_max.c"
 # No -ffast-math (or -Ofast): the kernel relies on IEEE comparisons with NaN.
@@ -65,6 +65,20 @@ class Level(ctypes.Structure):
         ("offset", ctypes.c_int64),
         ("source", ctypes.c_int64),
     ]
+
+
+def level_specs(levels, offsets, edges=None, sources=None):
+    """The ``spp_level`` array for ``levels`` ((bh, bw) pairs, in the order the kernel takes them)
+    whose output blocks start at ``offsets``. The forward also needs each level's bin ``edges``
+    (four contiguous int64 tensors, which the caller keeps alive during the call) and ``sources``
+    (the position of the level to derive it from, or -1); the backward needs neither."""
+    specs = (Level * len(levels))()
+    for i, (spec, (bh, bw)) in enumerate(zip(specs, levels, strict=True)):
+        spec.bins_h, spec.bins_w, spec.offset = bh, bw, offsets[i]
+        spec.source = -1 if sources is None else sources[i]
+        if edges is not None:
+            spec.row_lo, spec.row_hi, spec.col_lo, spec.col_hi = (t.data_ptr() for t in edges[i])
+    return specs
 
 
 def _compiler() -> str | None:

@@ -83,8 +83,8 @@ static int spp_nests(const int64_t *fine_lo, const int64_t *fine_hi, const int64
  * it became a jump, which random data mispredicts): the maximum, its first position if `argmax`
  * is wanted, and whether a NaN was seen; only then (rare) a second pass finds the first NaN
  * while the bin is still in L1. */
-static inline SPP_SCALAR SPP_FN(spp_bin_max)(const SPP_SCALAR *map, int64_t width, int64_t h0, int64_t h1,
-                                 int64_t w0, int64_t w1, int32_t *argmax)
+static inline SPP_SCALAR SPP_FN(spp_bin_max)(const SPP_SCALAR *map, int64_t width, int64_t h0,
+                                             int64_t h1, int64_t w0, int64_t w1, int32_t *argmax)
 {
     SPP_SCALAR best = -INFINITY;
     int nan = 0;
